@@ -1,0 +1,45 @@
+"""Shared fixtures: every test run writes below one temporary runs/ folder, and method tests share one small
+base model and one classifier, trained once per session (a shorter pretraining than the default, for CI)."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Before `common` is imported anywhere (also in subprocesses), so that nothing lands in the user's runs/.
+os.environ.setdefault("UNLEARN_RUNS", tempfile.mkdtemp(prefix="unlearn-tests-"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import common as C  # noqa: E402
+
+# CI-sized pretraining: enough for a base whose class-conditional samples are mostly right (checked below).
+TEST_BASE_STEPS = 700
+
+
+@pytest.fixture(scope="session")
+def runs_dir() -> Path:
+    return C.RUNS
+
+
+@pytest.fixture(scope="session")
+def digits_base(runs_dir):
+    """(path, model) of the shared digits base, cached at the place load_base("digits") looks."""
+    path = C.pretrain("digits", steps=TEST_BASE_STEPS)
+    return path, C.load_checkpoint(path, "digits")[0]
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(runs_dir):
+    import eval as E
+    return E.load_classifier("digits")
+
+
+def run_script(*argv, timeout=900):
+    """Run a method file as a user would; return its CompletedProcess (stdout, stderr, returncode)."""
+    import subprocess
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})

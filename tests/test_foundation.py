@@ -1,0 +1,230 @@
+"""common.py and eval.py: the schedule against diffusers, the NLL against an analytic density, FID against an
+independent formula, the plumbing's error handling, and an end-to-end pretrain-and-sample smoke test."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+import common as C
+import eval as E
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_alpha_bar_and_q_sample_match_diffusers():
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    vp = C.VP()
+    assert torch.allclose(vp.alpha_bar.float(), ref.alphas_cumprod, atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.randn(16, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    assert torch.allclose(vp.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [999, 500, 37, 1, 0])
+def test_ancestral_step_matches_diffusers(t):
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
+                        variance_type="fixed_small")
+    g = torch.Generator().manual_seed(t)
+    x_t, eps = torch.randn(8, 1, 8, 8, generator=g) * 1.5, torch.randn(8, 1, 8, 8, generator=g)
+    expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))  # the noise diffusers drew
+    assert torch.allclose(C.VP().ddpm_step(eps, t, x_t, noise), expected, atol=1e-5)
+
+
+def test_continuous_marginal_is_the_limit_of_the_discrete_schedule():
+    vp = C.VP()
+    # An independent construction: the DDPM product with a very fine grid converges to exp(-int beta).
+    for T in (1000, 200_000):
+        fine = C.VP(T=T)
+        i = torch.arange(1, T + 1, dtype=torch.float64)
+        alpha, sigma = vp.marginal(i / T)
+        assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(alpha))
+        rel = ((alpha ** 2 - fine.alpha_bar) / fine.alpha_bar).abs()
+        if T == 1000:
+            # At T = 1000 the two agree to 1e-3 while abar > 0.78 (t <= 0.14); beyond, the second-order term
+            # sum(beta_i^2)/2 of log(1 - beta) grows to a 7% relative gap in abar at t = 1 (abar ~ 4e-5).
+            assert rel[:140].max() < 1e-3
+            assert 0.06 < rel.max() < 0.075
+        else:
+            assert rel.max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- NLL
+
+
+def _gaussian_eps(s: float):
+    """Exact eps for data N(0, s^2 I): x_t ~ N(0, (alpha^2 s^2 + sigma^2) I), eps = sigma x / var."""
+    vp = C.VP()
+
+    def eps(x, t):
+        a, sig = vp.marginal(t.double())
+        a, sig = a.float().view(-1, 1, 1, 1), sig.float().view(-1, 1, 1, 1)
+        return sig * x / (a ** 2 * s ** 2 + sig ** 2)
+    return eps
+
+
+def _gaussian_bpd(x, s):
+    D = x[0].numel()
+    logp = -0.5 * D * math.log(2 * math.pi * s ** 2) - (x.double() ** 2).flatten(1).sum(1) / (2 * s ** 2)
+    return (-logp / math.log(2) / D).numpy()
+
+
+@pytest.mark.parametrize("s", [0.5, 1.5])
+def test_nll_exact_divergence_reproduces_gaussian_density(s):
+    x = torch.randn(6, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * s
+    bpd = E.nll_bpd(_gaussian_eps(s), x, C.VP(), exact=True)
+    assert np.abs(bpd - _gaussian_bpd(x, s)).max() < 0.01
+
+
+def test_nll_hutchinson_reproduces_gaussian_density_on_average():
+    s = 0.7
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * s
+    bpd = np.mean([E.nll_bpd(_gaussian_eps(s), x, C.VP(), seed=k).mean() for k in range(3)])
+    assert abs(bpd - _gaussian_bpd(x, s).mean()) < 0.05
+
+
+def test_nll_offset_is_log2_of_half_the_bins():
+    x = torch.zeros(2, 1, 2, 2)
+    raw, quantised = (E.nll_bpd(_gaussian_eps(1.0), x, C.VP(), bins=b) for b in (None, 16))
+    assert np.allclose(quantised - raw, 3.0)
+
+
+# ---------------------------------------------------------------------------------------------- FID
+
+
+def _fid_by_eigenvalues(f1, f2):
+    """Independent route: Tr sqrt(S1 S2) = sum of sqrt of the (real, non-negative) eigenvalues of S1 S2."""
+    m1, m2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    ev = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
+    return ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum()
+
+
+def test_frechet_distance_matches_eigenvalue_formula():
+    rng = np.random.default_rng(0)
+    f1 = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12))
+    f2 = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 0.3
+    d = E.frechet_distance(*E.feature_stats(f1), *E.feature_stats(f2))
+    assert d == pytest.approx(_fid_by_eigenvalues(f1, f2), rel=1e-6)
+
+
+def test_frechet_distance_identity_and_mean_shift():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(300, 8))
+    mu, sig = E.feature_stats(f)
+    assert abs(E.frechet_distance(mu, sig, mu, sig)) < 1e-6
+    d = rng.normal(size=8)
+    assert E.frechet_distance(mu + d, sig, mu, sig) == pytest.approx((d ** 2).sum(), rel=1e-6, abs=1e-6)
+
+
+def test_inception_score_bounds():
+    assert E.inception_score(torch.eye(10)) == pytest.approx(10.0, rel=1e-6)
+    assert E.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1.0, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+
+
+def test_digits_split_is_fixed_and_scaled():
+    x, y = C.load_data("digits", split="train")
+    xt, _ = C.load_data("digits", split="test")
+    assert x.shape == (1500, 1, 8, 8) and xt.shape == (297, 1, 8, 8)
+    assert x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
+    assert torch.equal(C.load_data("digits")[0], x)
+    grid = x * 8 + 8                                   # back to the 17 integer levels
+    assert torch.allclose(grid, grid.round())
+
+
+def test_missing_torchvision_dataset_says_where_to_put_it(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(C.UsageError, match="--data-root"):
+        C.load_data("mnist", str(tmp_path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["common.py", "--dataset", "svhn"], "unknown dataset"),
+    (["eval.py", "--forget", "12"], "out of range"),
+    (["eval.py", "--ckpt", "nowhere.pt"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_error(argv, message, runs_dir):
+    before = sorted(p for p in runs_dir.rglob("*"))
+    r = run_script(*argv)
+    assert r.returncode == 2 and message in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+    assert sorted(p for p in runs_dir.rglob("*")) == before
+
+
+def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
+    model = C.CondUNet("digits")
+    path = tmp_path / "m.pt"
+    C.save_checkpoint(path, model, step=3)
+    assert not list(tmp_path.glob("*.tmp"))                 # written through a temp file, then renamed
+    loaded, ck = C.load_checkpoint(path, "digits")
+    assert ck["step"] == 3 and ck["config"]["dataset"] == "digits"
+    with pytest.raises(C.UsageError, match="trained on 'digits'"):
+        C.load_checkpoint(path, "mnist")
+    ck["config"]["unet"]["block_out_channels"] = [16, 32]
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(C.UsageError, match="another architecture"):
+        C.load_checkpoint(tmp_path / "other.pt", "digits")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(C.UsageError, match="cannot read"):
+        C.load_checkpoint(tmp_path / "bad.pt", "digits")
+
+
+def test_32px_models_build_and_run_a_training_step():
+    for name in ("mnist", "cifar10"):
+        m = C.CondUNet(name)
+        x = torch.randn(2, m.info.channels, 32, 32)
+        loss = m(x, torch.tensor([3.0, 900.0]), torch.tensor([1, m.tok["null"]])).square().mean()
+        loss.backward()
+        assert m.token_emb.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_pretrain_resumes_and_samples(tmp_path):
+    path = tmp_path / "base.pt"
+    C.pretrain("digits", steps=200, out=path)
+    ck = torch.load(path, weights_only=False)
+    assert ck["done"] and ck["step"] == 200 and "train" not in ck
+    model = C.load_checkpoint(path, "digits")[0]
+    for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 0)):
+        x = C.sample(model, C.VP(), torch.tensor([0, 1, model.tok["null"]]), sampler, steps, guidance=2.0)
+        assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
+    again = C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5)
+    assert torch.equal(again, C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5))
+
+
+def test_base_and_classifier_quality(digits_base, digits_classifier):
+    """The CI-sized base already draws the asked class most of the time; real digits beat noise in NLL."""
+    _, model = digits_base
+    clf = digits_classifier
+    assert clf.test_acc >= 0.97
+    c = C.class_tokens(10, 30)
+    x = C.sample(model, C.VP(), c, steps=25)
+    assert (E.predict(clf, x) == c).float().mean() > 0.75
+    xt, _ = C.load_data("digits", split="test")
+    real = E.model_nll(model, xt[:40], rtol=1e-4, atol=1e-4)
+    noise = E.model_nll(model, E.noise_images(model.info, 40), rtol=1e-4, atol=1e-4)
+    assert real.mean() + 1.0 < noise.mean()
+
+
+def test_eval_cli_prints_json_last(digits_base, digits_classifier):
+    r = run_script("eval.py", "--n-per-class", "20", "--steps", "10", "--nll-n", "10", "--forget", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    for k in ("classifier_test_acc", "class_acc", "fid_retain", "is", "nll_real_bpd", "nll_noise_bpd", "forget_rate"):
+        assert k in m
+    assert m["nll_real_bpd"] < m["nll_noise_bpd"]
