@@ -351,11 +351,11 @@ def main(args: Args):
     forget = parse_classes(args.forget, info, "forget class")
     dev = C.pick_device(args.device)
     t0 = time.time()
-    clf = load_classifier(args.dataset, args.data_root, dev)
-    if args.ckpt:
+    if args.ckpt:   # checked first: a bad checkpoint must fail before anything is trained or written
         model = C.load_checkpoint(args.ckpt, args.dataset, dev)[0]
     else:
         model = C.load_base(args.dataset, dev, root=args.data_root)
+    clf = load_classifier(args.dataset, args.data_root, dev)
     x_real, _ = C.load_data(args.dataset, args.data_root, "train")
     x_test, _ = C.load_data(args.dataset, args.data_root, "test")
     m, x, c = evaluate_model(model, clf, forget, args.n_per_class, args.sampler, args.steps, args.guidance,
