@@ -525,9 +525,9 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, steps: int = 0,
         if (step + 1) % 200 == 0 or step + 1 == hp["steps"]:
             done = step + 1 == hp["steps"]
             tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {time.time() - t0:6.0f}s")
-            save_checkpoint(path, ema.model, step + 1, done=done, seconds=time.time() - t0, hp=hp,
-                            train=None if done else {"raw": model.state_dict(), "opt": opt.state_dict(),
-                                                     "rng": torch.get_rng_state()})
+            resume = {} if done else {"train": {"raw": model.state_dict(), "opt": opt.state_dict(),
+                                                "rng": torch.get_rng_state()}}
+            save_checkpoint(path, ema.model, step + 1, done=done, seconds=time.time() - t0, hp=hp, **resume)
     return path
 
 

@@ -198,7 +198,7 @@ def test_32px_models_build_and_run_a_training_step():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_pretrain_resumes_and_samples(tmp_path):
+def test_pretrain_caches_and_samples(tmp_path):
     path = tmp_path / "base.pt"
     C.pretrain("digits", steps=200, out=path)
     ck = torch.load(path, weights_only=False)
