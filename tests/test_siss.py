@@ -1,0 +1,234 @@
+"""siss.py: the importance weights, the gradient combinations, every objective end to end, and the default
+scenario's effect (a memorised outlier's copies vanish, the digits stay) on a CI-sized outlier base."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+import eval as E
+import siss
+from conftest import run_script
+
+OUTLIER_FINETUNE_STEPS = 120
+
+
+# ------------------------------------------------------------------------------------------ importance weights
+
+def direct_weights(m, x, a, gamma, sigma, lam):
+    """q(m|x)/q_lam(m) and q(m|a)/q_lam(m) from the Gaussian densities themselves, in float64."""
+    N = torch.distributions.Normal
+    q_x = N(gamma * x, sigma).log_prob(m).flatten(1).sum(1).exp()
+    q_a = N(gamma * a, sigma).log_prob(m).flatten(1).sum(1).exp()
+    q_lam = (1 - lam) * q_x + lam * q_a
+    return q_x / q_lam, q_a / q_lam
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_importance_weights_equal_density_ratios(lam):
+    torch.manual_seed(0)
+    vp = C.VP()
+    B = 16
+    x, a = torch.rand(B, 1, 2, 2) * 2 - 1, torch.rand(B, 1, 2, 2) * 2 - 1
+    t = torch.linspace(0, 999, B).long()
+    gamma, sigma = siss.gamma_sigma(vp, t, x.double())
+    from_a = torch.rand(B) < lam
+    eps = torch.randn(B, 1, 2, 2, dtype=torch.float64)
+    m = torch.where(from_a.view(-1, 1, 1, 1), gamma * a + sigma * eps, gamma * x + sigma * eps)
+    w_x, w_a = siss.importance_weights(m, x, a, gamma, sigma, lam)
+    r_x, r_a = direct_weights(m, x.double(), a.double(), gamma, sigma, lam)
+    assert torch.allclose(w_x.double(), r_x, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(w_a.double(), r_a, rtol=1e-5, atol=1e-6)
+    # the defensive mixture's identity (1 - lam) w_x + lam w_a = 1, for every sample
+    assert torch.allclose((1 - lam) * w_x.double() + lam * w_a.double(), torch.ones(B, dtype=torch.float64),
+                          atol=1e-6)
+    # soft weights at high noise, binary at low noise (spec 2.1): the weights really depend on t
+    if lam == 0.5:
+        assert 0.05 < float(w_x[-1]) < 1.95 and float(w_x[0]) in (0.0, 2.0)
+
+
+def test_importance_weights_do_not_overflow_in_half_precision():
+    """Distances of a few hundred nats would overflow exp() in fp16; the log-sum-exp form must not."""
+    torch.manual_seed(1)
+    vp = C.VP()
+    x, a = -torch.ones(4, 1, 8, 8), torch.ones(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 100, 300])
+    for dtype in (torch.float16, torch.bfloat16):
+        gamma, sigma = siss.gamma_sigma(vp, t, x.to(dtype))
+        m = (gamma * x + sigma * torch.randn(4, 1, 8, 8)).to(dtype)
+        w_x, w_a = siss.importance_weights(m, x.to(dtype), a.to(dtype), gamma, sigma, 0.5)
+        assert torch.isfinite(w_x).all() and torch.isfinite(w_a).all()
+        assert torch.allclose(w_x, torch.full((4,), 2.0)) and torch.allclose(w_a, torch.zeros(4))
+
+
+def test_importance_weights_binary_when_tokens_differ():
+    """A keep point under its label and a forget point under another token: disjoint supports."""
+    vp = C.VP()
+    x = torch.zeros(4, 1, 2, 2)
+    t = torch.full((4,), 999)
+    gamma, sigma = siss.gamma_sigma(vp, t, x)
+    from_a = torch.tensor([True, False, True, False])
+    same = torch.tensor([False, False, True, True])
+    w_x, w_a = siss.importance_weights(x, x, x + 0.1, gamma, sigma, 0.25, same, from_a)
+    assert torch.allclose(w_x[:2], torch.tensor([0.0, 1 / 0.75])) and torch.allclose(w_a[:2], torch.tensor([4.0, 0.0]))
+    assert (w_x[2:] > 0).all() and (w_a[2:] > 0).all()    # same token: soft weights
+
+
+# ------------------------------------------------------------------------------------------ gradient combination
+
+def test_subtract_combination_rescales_forget_gradient_to_scaling_norm():
+    torch.manual_seed(0)
+    g_x = [torch.randn(5, 3), torch.randn(7)]
+    for size in (1e-4, 1.0, 300.0):       # rescale, not clip: a small and a large forget gradient both end at 5
+        g_a = [size * torch.randn(5, 3), size * torch.randn(7)]
+        g, scale = siss.combine_subtract(g_x, g_a, 5.0)
+        forget_part = [gx - gi for gx, gi in zip(g_x, g)]
+        assert math.isclose(siss.global_norm(forget_part).item(), 5.0, rel_tol=1e-5)
+        cos = sum((f * ga).sum() for f, ga in zip(forget_part, g_a)) / (siss.global_norm(forget_part) * siss.global_norm(g_a))
+        assert cos > 0.9999            # subtracted along +g_a: the step ascends the forget loss
+    g, scale = siss.combine_subtract(g_x, [torch.zeros(5, 3), torch.zeros(7)], 5.0)
+    assert scale == 0.0 and all(torch.equal(a, b) for a, b in zip(g, g_x))
+
+
+def test_erasediff_combination():
+    g_x, g_a = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]
+    g, lam = siss.combine_erasediff(g_x, g_a, 1e-3)
+    assert math.isclose(lam, 1e-3 + 0.5)          # eta - <g_x, g_a>/|g_a|^2 = 1e-3 - (-1)/2
+    assert torch.allclose(g[0], torch.tensor([1.0, 0.0]) + lam * torch.tensor([-1.0, 1.0]))
+    g, lam = siss.combine_erasediff(g_x, [torch.tensor([1.0, 0.0])], 1e-3)
+    assert lam == 0.0                              # aligned gradients: max(eta - 1, 0) = 0
+
+
+# ------------------------------------------------------------------------------------------ objectives
+
+def tiny_batch(B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, a0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    return siss.Batch(x0, a0, torch.randint(10, (B,), generator=g), torch.full((B,), 13), torch.randint(1000, (B,), generator=g),
+                      torch.randn(B, 1, 8, 8, generator=g))
+
+
+def test_losses_sum_over_pixels_and_siss_reduces_to_no_is_at_lam_extremes():
+    """sq_err sums over pixels; SISS with lam = 0 is exactly the keep term of SISS No-IS, lam = 1 its forget term."""
+    torch.manual_seed(0)
+    model, vp, b = C.CondUNet("digits").eval(), C.VP(), tiny_batch()
+    with torch.no_grad():
+        lx, la = siss.siss_nois_loss(model, vp, b)
+        e = model(vp.q_sample(b.x0, b.t, b.eps), b.t, b.c_x)
+        assert torch.allclose(lx, F.mse_loss(e, b.eps, reduction="sum") / len(e))
+        s0x, s0a = siss.siss_loss(model, vp, b, 0.0)
+        s1x, s1a = siss.siss_loss(model, vp, b, 1.0)
+    assert torch.allclose(s0x, lx, rtol=1e-5) and torch.allclose(s1a, la, rtol=1e-5)
+    assert s0a == 0 and s1x == 0                   # tokens differ: the other term has weight exactly 0
+
+
+@pytest.mark.parametrize("method", siss.METHODS)
+def test_every_method_takes_steps(method, digits_base):
+    """Each objective on the real base: finite losses, the clipped total step, and the weights move."""
+    model = copy.deepcopy(digits_base[1]).train()
+    args = siss.defaults(siss.Args(method=method, batch_size=8))
+    x, y = C.training_set("digits")
+    keep, forget = torch.arange(0, 1400), torch.arange(1400, 1500)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        log = siss.unlearn_step(model, C.VP(), opt, siss.make_batch(x, y, keep, forget, args, model.tok, gen, "cpu"), args)
+    assert all(math.isfinite(v) for v in log.values())
+    if method in ("siss", "siss-nois"):
+        assert log["scale"] > 0 and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ the default scenario
+
+@pytest.fixture(scope="session")
+def outlier_base(digits_base):
+    """A CI-sized outlier base where siss.py looks for it: the CI digits base fine-tuned on digits + the
+    default 80 shirt copies under spare token 0 (pretraining recipe: eps-MSE, 10% null dropout, EMA)."""
+    path = C.base_path("digits", "outlier")
+    if path.exists():
+        return path
+    args = siss.defaults(siss.Args())
+    info = C.data_info("digits")
+    tok = C.tokens(info)
+    extra = (siss.shirt_image(info).expand(args.outlier_copies, -1, -1, -1), torch.full((args.outlier_copies,), tok["spare"][0]))
+    x, y = C.training_set("digits", extra=extra)
+    C.seed_everything(0)
+    model = copy.deepcopy(digits_base[1]).train()
+    ema = C.EMA(model, 0.97)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    vp = C.VP()
+    for _ in range(OUTLIER_FINETUNE_STEPS):
+        idx = torch.randint(len(x), (64,))
+        c = y[idx].clone()
+        c[(torch.rand(64) < 0.1) & (c != tok["watermark"])] = tok["null"]
+        t, noise = torch.randint(1000, (64,)), torch.randn(64, 1, 8, 8)
+        loss = F.mse_loss(model(vp.q_sample(x[idx], t, noise), t, c), noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+    C.save_checkpoint(path, ema.model, OUTLIER_FINETUNE_STEPS, done=True)
+    return path
+
+
+def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifier):
+    """The CLI on the default scenario with a small budget: the base memorises the shirt, SISS removes
+    its copies (deletion step found), the NLL of the shirt rises, the digits stay."""
+    r = run_script("siss.py", "--steps", "100", "--eval-every", "20", "--lr", "2e-4", "--n-monitor", "50",
+                   "--monitor-steps", "10", "--n-eval", "100", "--n-per-class", "20", "--n-nll", "2",
+                   "--sample-steps", "20", "--tag", "ci")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["base_forget_rate"] >= 0.3, m             # the short base memorised the shirt under its token
+    assert m["forget_rate"] <= 0.1 * m["base_forget_rate"], m
+    assert m["deletion_step"] is not None and m["steps_run"] == m["deletion_step"]
+    assert m["nll_forget_token_bpd"] > m["base_nll_forget_token_bpd"] + 0.1, m
+    assert m["retain_acc"] >= m["base_retain_acc"] - 0.1, m
+    assert abs(m["nll_keep_bpd"] - m["base_nll_keep_bpd"]) < 0.5, m
+    out = C.run_dir("siss", "digits", "ci")
+    for f in ("args.json", "model.pt", "samples.png", "metrics.json"):
+        assert (out / f).exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    """Mistakes a user can make stop before any work with exit status 2 and one line naming the fix."""
+    for argv, words in [(["--method", "retrain"], "--method"), (["--forget-class", "12"], "out of range"),
+                        (["--forget-idx", "5,99999"], "--forget-idx"), (["--dataset", "cifar10"], "outlier"),
+                        (["--lam", "1.5"], "--lam"), (["--forget", "class"], "--forget-class")]:
+        with pytest.raises(SystemExit) as e:
+            C.cli(siss.main, siss.Args, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_mnist_tshirt_scenario_builds(monkeypatch):
+    """--dataset mnist --forget outlier without the real data (no network here): with stand-in MNIST and
+    Fashion-MNIST tensors of the right shape, the paper's benchmark is assembled (606 copies of Fashion-MNIST
+    train image 1 under the spare token, 1%), the paper's hyperparameters apply, and one SISS step runs."""
+    def fake_load_data(name="digits", root="data", split="train"):
+        g = torch.Generator().manual_seed(len(name))
+        n = 300 if split == "train" else 50
+        y = torch.randint(10, (n,), generator=g)
+        y[1] = 0                                  # Fashion-MNIST train image 1 is a T-shirt
+        return torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, y
+    monkeypatch.setattr(C, "load_data", fake_load_data)
+    monkeypatch.setattr(C, "load_base", lambda dataset, device, **kw: C.CondUNet(dataset).to(device))
+    args = siss.defaults(siss.Args(dataset="mnist"))
+    siss.check_args(args)
+    assert (args.steps, args.batch_size, args.lr, args.lam, args.scaling_norm, args.outlier_copies) == \
+        (900, 128, 5e-5, 0.5, 5.0, 606)
+    assert math.isclose(siss.copy_threshold(args, C.data_info("mnist")), 20.0)
+    base, x, y, keep, forget, tag = siss.scenario(args, "cpu")
+    assert tag == "outlier" and len(forget) == 606 and len(keep) == 300 + 3   # 300 digits + 3 watermarks
+    assert torch.equal(x[forget[0]], fake_load_data("fashion")[0][1]) and (y[forget] == base.tok["spare"][0]).all()
+    args.batch_size = 2
+    opt = torch.optim.AdamW(base.parameters(), lr=args.lr)
+    b = siss.make_batch(x, y, keep, forget, args, base.tok, torch.Generator().manual_seed(0), "cpu")
+    log = siss.unlearn_step(base, C.VP(), opt, b, args)
+    assert b.x0.shape == (2, 1, 32, 32) and math.isfinite(log["loss_x"]) and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
