@@ -1,0 +1,143 @@
+"""bilevel_prune.py: the slicing against a masked network, the MAC counter against torch's FlopCounterMode,
+the budgets, which parameters each level moves, and a short bilevel run against a distilled-only one."""
+import json
+
+import pytest
+import torch
+from conftest import run_script
+
+import bilevel_prune as B
+import common as C
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return C.CondUNet("digits").eval().requires_grad_(False)
+
+
+def _inputs(info, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, info.channels, info.size, info.size, generator=g),
+            torch.tensor([3.0, 100.0, 400.0, 650.0, 900.0, 999.0][:n]), torch.randint(0, 11, (n,), generator=g))
+
+
+def test_keep_everything_is_the_identity(net):
+    plan = B.prune_plan(net, 1.0)
+    units = B.prunable_units(net.unet)
+    assert all(len(plan[k]) == n for k, (_, n) in units.items())
+    student = B.apply_plan(net, plan)
+    x, t, c = _inputs(net.info)
+    assert torch.equal(student(x, t, c), net(x, t, c))
+
+
+def test_slicing_equals_masking_the_same_units(net):
+    """Zero every dropped unit's only outgoing weights (conv2 input columns, out-projection columns of a head,
+    the feed-forward output columns): that masked network must compute exactly what the sliced one does."""
+    plan = B.prune_plan(net, 0.55)
+    units = B.prunable_units(net.unet)
+    masked = C.CondUNet("digits")
+    masked.load_state_dict(net.state_dict())
+    masked.eval().requires_grad_(False)
+    for name, keep in plan.items():
+        kind, n = units[name]
+        m = masked.unet.get_submodule(name)
+        drop = B.unit_slices(kind, m, n, [u for u in range(n) if u not in keep])
+        consumer = m.conv2 if kind == "resnet" else m.to_out[0] if kind == "attn" else m.net[2]
+        consumer.weight[:, drop] = 0
+    student = B.apply_plan(net, plan)
+    x, t, c = _inputs(net.info)
+    out = student(x, t, c)
+    assert torch.allclose(out, masked(x, t, c), atol=1e-5)
+    assert (out - net(x, t, c)).abs().max() > 1e-2                # the pruning did change the function
+    # the attention modules really lost heads (head_dim unchanged)
+    a = student.unet.mid_block.attentions[0].transformer_blocks[0].attn2
+    assert a.heads == len(plan["mid_block.attentions.0.transformer_blocks.0.attn2"]) < 8
+    assert a.to_q.out_features == 8 * a.heads
+
+
+def test_mac_counter_matches_torch_flop_counter(net):
+    """FlopCounterMode counts conv / linear FLOPs (2 per MAC) but not CPU scaled-dot-product attention, whose
+    two matmuls we add by their formula: 2 x Lq x Lk x inner (Lk = 2 context tokens for cross-attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for keep in (1.0, 0.55):
+        s = B.apply_plan(net, B.prune_plan(net, keep))
+        fc = FlopCounterMode(display=False)
+        with fc, torch.no_grad():
+            s(torch.zeros(1, 1, 8, 8), 500.0, torch.zeros(1, dtype=torch.long))
+        attn = sum(2 * 16 * (16 if n.endswith("attn1") else 2) * s.unet.get_submodule(n).to_q.out_features
+                   for n, (kind, _) in B.prunable_units(s.unet).items() if kind == "attn")
+        assert B.count_macs(s)[0] == fc.get_total_flops() // 2 + attn
+
+
+@pytest.mark.parametrize("measure, keep", [("macs", 0.55), ("macs", 0.8), ("params", 0.7)])
+def test_budget_is_met_within_five_percent(net, measure, keep):
+    s = B.apply_plan(net, B.prune_plan(net, keep, measure))
+    ratio = (B.count_macs(s)[0] / B.count_macs(net)[0]) if measure == "macs" else C.n_params(s) / C.n_params(net)
+    assert keep - 0.05 <= ratio <= keep + 1e-9
+
+
+def test_block_outputs_keep_the_teachers_shapes(net):
+    s = B.apply_plan(net, B.prune_plan(net, 0.55))
+    x, t, c = _inputs(net.info)
+    with B.block_outputs(net) as ft, B.block_outputs(s) as fs:
+        net(x, t, c), s(x, t, c)
+    assert len(ft) == len(fs) == 5 and [f.shape for f in ft] == [f.shape for f in fs]
+    assert C.n_params(s) < 0.6 * C.n_params(net)
+
+
+def test_levels_move_only_what_they_should(net):
+    """Upper step: only the student moves (the teacher is the frozen target). ESD stage: only attn2 weights."""
+    teacher = net
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s = B.apply_plan(teacher, B.prune_plan(teacher, 0.55)).train().requires_grad_(True)
+    s0 = {k: v.clone() for k, v in s.state_dict().items()}
+    opt = torch.optim.AdamW(s.parameters(), lr=1e-3)
+    x0 = C.load_data("digits")[0][:16]
+    loss = B.upper_loss(s, teacher, x0, torch.zeros(16, dtype=torch.long), C.VP(), eta=1.0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert sum(not torch.equal(v, s.state_dict()[k]) for k, v in s0.items()) > 0.9 * len(s0)
+    s1 = {k: v.clone() for k, v in s.state_dict().items()}
+    B.esd(B.Args(esd_batch=2), s, "cpu", steps=2)
+    changed = {k for k, v in s1.items() if not torch.equal(v, s.state_dict()[k])}
+    assert changed and all(".attn2." in k for k in changed)
+
+
+def test_negative_guidance_target_is_twice_null_minus_concept(net):
+    x, t, _ = _inputs(net.info, 4)
+    c = torch.zeros(4, dtype=torch.long)
+    null = torch.full_like(c, net.tok["null"])
+    target = B.negative_guidance_target(net, x, t, c, eta=1.0)
+    assert torch.allclose(target, 2 * net(x, t, null) - net(x, t, c), atol=1e-5)
+
+
+def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digits_base, digits_classifier, runs_dir):
+    """Same budget and seed; the distilled-only run is the CP reference of the bilevel one."""
+    kw = dict(keep=0.8, steps=80, batch_size=32, upper_every=2, n_per_class=10, sample_steps=10, warmup=10)
+    ref = B.main(B.Args(schedule="distill-only", tag="ref-s0", **kw))
+    res = B.main(B.Args(schedule="bilevel", **kw))
+    assert ref["forget_rate"] >= 0.5 and res["forget_rate"] <= min(0.3, ref["forget_rate"] - 0.3)
+    assert res["cp_score"] >= 0.7 and res["retain_acc"] >= ref["retain_acc"] - 0.15
+    assert res["macs_ratio"] <= 0.8 and res["params_student"] < res["params_teacher"]
+    out = C.run_dir("bilevel_prune", "digits", "bilevel-s0")
+    assert {"args.json", "model.pt", "samples.png", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "metrics.json").read_text())["cp_reference"].endswith("ref-s0/metrics.json")
+    loaded = B.load_student(out / "model.pt")
+    x, t, c = _inputs(loaded.info)
+    s = B.apply_plan(digits_base[1], loaded.plan)
+    s.load_state_dict(torch.load(out / "model.pt", weights_only=False)["model"])
+    assert torch.equal(loaded(x, t, c), s(x, t, c)) and C.n_params(loaded) == res["params_student"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep", "0.1"], "out of reach"),
+    (["--schedule", "three-stage"], "unknown --schedule"),
+    (["--forget", "11"], "out of range"),
+])
+def test_bad_input_is_one_line_error(argv, message, digits_base):
+    r = run_script("bilevel_prune.py", *argv)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0

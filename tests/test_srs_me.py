@@ -1,0 +1,162 @@
+"""srs_me.py: the null-space basis, exact invariance of every protected token under every subset of shifts,
+exact restoration, optimisation decoupling, the momentum stopping rule, a short erase on the CI base that
+lowers the concept's accuracy, and the command line (scene, saved shifts combined at load time, bad input)."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+import common as C
+import eval as E
+import srs_me as S
+
+ERASABLE = [0, 1, 2, 3, 4, 5]
+
+
+def _random_shifts(model, beta=1.0, seed=0):
+    """Large random shifts (||dW|| comparable to ||W||) built the method's way: P (beta B_k)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = model.token_emb.weight.detach()
+    out = {}
+    for k in ERASABLE:
+        B = S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)])
+        out[k] = {n: S.shift(torch.randn(w.shape[0], len(B), generator=g) * w.abs().mean() * 8, B, beta)
+                  for n, w in S.kv_weights(model).items()}
+    return out
+
+
+def _inputs(model, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g).float()
+
+
+def test_basis_spans_the_null_space_of_the_protected_embeddings(digits_base):
+    _, model = digits_base
+    emb = model.token_emb.weight.detach()
+    for k in ERASABLE:
+        prot = S.protected_tokens(model, k, ERASABLE)
+        assert k not in prot and not set(prot) & {6, 7, 8, 9}          # regular concepts are never protected
+        assert {model.tok["bos"], model.tok["null"], model.tok["watermark"]} <= set(prot)
+        e_m = emb[prot]
+        B = S.null_space_basis(e_m)
+        # independent rank: numpy's SVD-based matrix_rank in float64
+        assert len(B) == emb.shape[1] - np.linalg.matrix_rank(e_m.double().numpy()) == 64 - 8
+        assert (e_m @ B.T).abs().max() < 1e-5 * e_m.norm(dim=1).max()
+        assert torch.allclose(B @ B.T, torch.eye(len(B)), atol=1e-5)
+        # the erased concept itself keeps most of its embedding in the space the shift can act on
+        assert (B @ emb[k]).norm() > 0.5 * emb[k].norm()
+    assert S.null_space_basis(emb[[0, 1]], max_base=5).shape == (5, 64)
+    with pytest.raises(C.UsageError, match="protect fewer"):
+        S.null_space_basis(torch.randn(70, 64))
+
+
+def test_protected_tokens_are_exact_under_every_subset_and_restoring_is_exact(digits_base):
+    _, model = digits_base
+    shifts = _random_shifts(model)
+    tok = model.tok
+    cs = torch.tensor([tok["null"], tok["bos"], tok["watermark"], *range(10)]).repeat_interleave(3)
+    x, t = _inputs(model, len(cs))
+    ref = model(x, t, cs)
+    W = {n: w.detach() for n, w in S.kv_weights(model).items()}
+    moved = []
+    for r in range(1, 7):
+        for subset in itertools.combinations(ERASABLE, r):
+            params = {n: W[n] + sum(shifts[k][n] for k in subset) for n in W}
+            d = (S.functional_call(model, params, (x, t, cs)) - ref).abs().flatten(1).max(1).values
+            changed = torch.isin(cs, torch.tensor([*subset, 6, 7, 8, 9]))
+            assert d[~changed].max() < 1e-5, (subset, d)
+            moved.append(d[changed].min().item())   # shifted and regular concepts do change: the test has teeth
+    assert min(moved) > 1e-3
+    # the same shift with rows NOT in the null space changes the null prompt: the basis is what protects it
+    free = {n: S.shift(torch.randn(w.shape[0], 64), torch.eye(64), 0.1) for n, w in W.items()}
+    null = cs == tok["null"]
+    assert (S.combine(model, {9: free}, [9])(x[null], t[null], cs[null]) - ref[null]).abs().max() > 1e-3
+    # restoring: erase all, then drop concept 2's shift; its samples equal the base's for the same seeds
+    c2 = torch.full((6,), 2)
+    base2 = C.sample(model, C.VP(), c2, steps=10, seed=3)
+    assert (C.sample(S.combine(model, shifts, ERASABLE), C.VP(), c2, steps=10, seed=3) - base2).abs().max() > 0.1
+    restored = S.combine(model, shifts, [0, 1, 3, 4, 5])
+    assert (C.sample(restored, C.VP(), c2, steps=10, seed=3) - base2).abs().max() < 1e-5
+
+
+def test_optimisation_decoupling_other_shifts_get_no_gradient(digits_base):
+    """Q7 of the paper: L_cor(c_i) does not depend on P_j (j != i), so shifts can be trained one at a time."""
+    _, model = digits_base
+    emb = model.token_emb.weight.detach()
+    W = {n: w.detach() for n, w in S.kv_weights(model).items()}
+    B = {k: S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)]) for k in (0, 1)}
+    P = {k: {n: (torch.randn(w.shape[0], len(B[k])) * 0.1).requires_grad_(True) for n, w in W.items()}
+         for k in (0, 1)}
+    x, t = _inputs(model, 8)
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+    c2 = torch.cat([torch.full((8,), 0), torch.full((8,), model.tok["null"])])
+    params = {n: W[n] + sum(S.shift(P[k][n], B[k], 1.0) for k in (0, 1)) for n in W}
+    r_new = S.concept_representation(*S.functional_call(model, params, (x2, t2, c2)).chunk(2))
+    with torch.no_grad():
+        r_orig = S.concept_representation(*model(x2, t2, c2).chunk(2))
+    loss = S.correlation_loss(r_new, r_orig)
+    grads = torch.autograd.grad(loss, [*P[0].values(), *P[1].values()])
+    own = torch.cat([g.flatten() for g in grads[:len(W)]]).norm()
+    other = torch.cat([g.flatten() for g in grads[len(W):]]).norm()
+    assert own > 1e-6 and other < 1e-6 * own
+
+
+def test_momentum_stop_crosses_tau_and_never_before_step_10():
+    rule = S.MomentumStop(tau=0.1, alpha=0.9, min_steps=10, max_steps=1000)
+    stops = [rule.update(0.0) for _ in range(12)]               # below tau from the first step
+    assert stops.index(True) == 10                             # step 11 = the first n > 10
+    rule = S.MomentumStop(tau=0.1, alpha=0.9, min_steps=10, max_steps=1000)
+    losses = [1.0] * 20 + [0.0] * 40                           # m = 0.9^j after j zeros: 0.109 (21), 0.098 (22)
+    n = next(i + 1 for i, l in enumerate(losses) if rule.update(l))
+    assert n == 20 + 22 and rule.m == pytest.approx(0.9 ** 22)
+    rule = S.MomentumStop(tau=0.1, min_steps=10, max_steps=30)
+    assert [rule.update(1.0) for _ in range(30)].index(True) == 29
+
+
+def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier):
+    _, model = digits_base
+    model = model.eval().requires_grad_(False)
+    args = S.Args(max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32, eval_steps=20)
+    torch.manual_seed(0)
+    data = {0: C.sample(model, C.VP(), torch.full((32,), 0), steps=20, seed=11)}
+    shifts, stats = S.train_shifts(model, [0], ERASABLE, data, args)
+    assert stats["first_loss"][0] > args.tau and 10 < stats["steps"][0] <= 60
+    edited = S.combine(model, shifts, [0])
+    c = torch.cat([torch.full((40,), 0), torch.full((40,), 6), torch.full((40,), 1)])
+    xb, xe = (C.sample(m, C.VP(), c, steps=20, seed=5) for m in (model, edited))
+    acc = lambda x, k: (E.predict(digits_classifier, x[c == k]) == k).float().mean().item()
+    assert acc(xb, 0) > 0.7 and acc(xe, 0) < 0.3              # the concept is gone
+    assert acc(xe, 6) > acc(xb, 6) - 0.25                      # a regular concept mostly stays
+    assert (xe[c == 1] - xb[c == 1]).abs().max() < 1e-5        # a protected concept is untouched
+
+
+def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir):
+    small = ["--tag", "ci", "--n-per-class", "6", "--eval-steps", "8", "--n-train-images", "16",
+             "--max-steps", "15", "--erasable", "0,1,2"]
+    r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1", "--retrain")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    out = runs_dir / "srs_me-digits-ci"
+    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png"))
+    assert sorted(p.name for p in (out / "shifts").iterdir()) == ["concept_0.pt", "concept_1.pt", "concept_2.pt"]
+    assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
+    assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
+    assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
+    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "base_forget_rate", "base_retain_acc",
+              "base_fid_retain"):
+        assert m[k] is not None
+    cmp = m["compare"]       # joint training keeps 3 concepts' activations at once
+    assert cmp["joint_train_mem_mb"] > 2 * cmp["one_at_a_time_train_mem_mb"]
+    # the saved shifts are combined at load time, nothing is retrained
+    r = run_script("srs_me.py", *small, "--erase", "0,2", "--restore", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m2 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m2["shifts_loaded"] is True and m2["scene"][0]["active"] == [0]
+    assert m2["scene"][0]["untouched_max_abs_diff"] < 1e-4     # 1 and 2 are protected from shift 0
+    assert (out / "combo-e0" / "metrics.json").exists()
+    r = run_script("srs_me.py", *small, "--erase", "7")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "erasable" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
