@@ -117,7 +117,9 @@ def test_negative_guidance_target_is_twice_null_minus_concept(net):
 
 def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digits_base, digits_classifier, runs_dir):
     """Same budget and seed; the distilled-only run is the CP reference of the bilevel one."""
-    kw = dict(keep=0.8, steps=80, batch_size=32, upper_every=2, n_per_class=10, sample_steps=10, warmup=10)
+    # A CI-sized budget: the upper step every 2nd iteration at the lower lr. With the default 5x upper lr this
+    # short run erased the class but took retain accuracy to 0.58 (distill-only 0.87) on the CI base.
+    kw = dict(keep=0.8, steps=80, batch_size=32, upper_every=2, lr_up_mult=1.0, n_per_class=10, sample_steps=10, warmup=10)
     ref = B.main(B.Args(schedule="distill-only", tag="ref-s0", **kw))
     res = B.main(B.Args(schedule="bilevel", **kw))
     assert ref["forget_rate"] >= 0.5 and res["forget_rate"] <= min(0.3, ref["forget_rate"] - 0.3)
