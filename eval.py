@@ -176,7 +176,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     diff = mu1 - mu2
     with warnings.catch_warnings():  # dead ReLU features make the product singular; sqrtm still copes
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean, _ = scipy.linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
