@@ -392,8 +392,9 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     return model.to(device), ck
 
 
-def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=()):
-    """Save images in [-1, 1] as a PNG grid (nrow images per row), upscaled `scale`x; highlighted rows get a red frame."""
+def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(), highlight_cols=()):
+    """Save images in [-1, 1] as a PNG grid (nrow images per row), upscaled `scale`x; highlighted rows and
+    columns get a red frame."""
     from PIL import Image
     n, ch, h, w = x.shape
     rows = math.ceil(n / nrow)
@@ -404,6 +405,8 @@ def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(
         img = img.repeat(3, axis=3)
     for r in highlight_rows:
         grid[r * (h + pad):(r + 1) * (h + pad) + pad, :] = (1, 0, 0)
+    for c in highlight_cols:
+        grid[:, c * (w + pad):(c + 1) * (w + pad) + pad] = (1, 0, 0)
     for i in range(n):
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img[i]
@@ -458,12 +461,17 @@ def base_path(dataset: str, tag: str = "") -> Path:
     return run_dir("base", dataset, tag) / "model.pt"
 
 
-def training_set(dataset: str, root: str = "data", extra=None):
+def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
     """The base model's training images: the dataset, 1% copies of the watermark (under its own token, never
-    dropped to null), and optionally extra (x, y) pairs that a method injects (e.g. SISS's outlier)."""
+    dropped to null), and optionally extra (x, y) pairs that a method injects (e.g. SISS's outlier).
+    drop_classes: classes left out of the dataset (the gold-standard retrain without a forgotten class); the number
+    of watermark copies stays 1% of the full dataset, so the two training sets differ only by those classes."""
     info = data_info(dataset)
     x, y = load_data(dataset, root, "train")
     n_wm = max(1, len(x) // 100)
+    if drop_classes:
+        keep = ~torch.isin(y, torch.as_tensor(list(drop_classes), dtype=torch.long))
+        x, y = x[keep], y[keep]
     xs, ys = [x, watermark_image(info).expand(n_wm, -1, -1, -1)], [y, torch.full((n_wm,), tokens(info)["watermark"])]
     if extra is not None:
         xs.append(extra[0]), ys.append(extra[1])
@@ -472,8 +480,9 @@ def training_set(dataset: str, root: str = "data", extra=None):
 
 def pretrain(dataset: str = "digits", tag: str = "", extra=None, steps: int = 0, batch_size: int = 0,
              lr: float = 0.0, seed: int = 0, device="cpu", root: str = "data", force: bool = False,
-             out: Path | None = None) -> Path:
+             out: Path | None = None, drop_classes=()) -> Path:
     """Train the class-conditional base model (eps-MSE, 10% label dropout to null) and cache its EMA weights.
+    drop_classes: classes left out of the training set (see training_set); give such a model its own tag.
 
     Resumable: a checkpoint is written every few hundred steps with the optimiser state and the raw weights."""
     info = data_info(dataset)
@@ -485,7 +494,7 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, steps: int = 0,
         _, state = load_checkpoint(path, dataset)
         if state.get("done"):
             return path
-    x, y = training_set(dataset, root, extra)
+    x, y = training_set(dataset, root, extra, drop_classes)
     tok = tokens(info)
     seed_everything(seed)
     device = torch.device(device)
@@ -527,7 +536,8 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, steps: int = 0,
             tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {time.time() - t0:6.0f}s")
             resume = {} if done else {"train": {"raw": model.state_dict(), "opt": opt.state_dict(),
                                                 "rng": torch.get_rng_state()}}
-            save_checkpoint(path, ema.model, step + 1, done=done, seconds=time.time() - t0, hp=hp, **resume)
+            save_checkpoint(path, ema.model, step + 1, done=done, seconds=time.time() - t0, hp=hp, **resume,
+                            **({"dropped": sorted(drop_classes)} if drop_classes else {}))
     return path
 
 

@@ -86,6 +86,8 @@ class Args:
     """final class-conditional samples per class (retain accuracy, FID)"""
     n_nll: int = 16
     """held-out keep images (and at most this many forget images) for the NLL"""
+    nll_tol: float = 1e-5
+    """rtol = atol of the probability-flow ODE for the NLL (score_sde's 1e-5; larger is faster and coarser)"""
     copy_threshold: float = 0.0
     """L2 distance in [-1, 1] units below which a sample is a near-copy; 0 = official rule scaled (see README)"""
     sample_steps: int = 50
@@ -387,7 +389,8 @@ def evaluate(model, clf, vp, ctx: dict, args: Args) -> dict:
     # tokens, held-out keep images under null): the batch shares the adaptive steps, which only adds accuracy
     null = lambda n: torch.full((n,), model.tok["null"])
     xk = ctx["x_keep_test"]
-    bpd = E.model_nll(model, torch.cat([xf, xf, xk]), torch.cat([null(len(xf)), ctx["y_forget"][: len(xf)], null(len(xk))]))
+    bpd = E.model_nll(model, torch.cat([xf, xf, xk]), torch.cat([null(len(xf)), ctx["y_forget"][: len(xf)], null(len(xk))]),
+                      rtol=args.nll_tol, atol=args.nll_tol)
     out["nll_forget_bpd"] = float(bpd[:len(xf)].mean())
     out["nll_forget_token_bpd"] = float(bpd[len(xf):2 * len(xf)].mean())
     out["nll_keep_bpd"] = float(bpd[2 * len(xf):].mean())
@@ -402,6 +405,8 @@ def base_metrics(base, clf, vp, ctx, args, base_dir):
     keys = ("n_eval", "n_per_class", "n_nll", "sample_steps", "copy_threshold", "forget", "forget_class",
             "forget_idx", "outlier_copies", "dataset")
     key = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    if args.nll_tol != 1e-5:   # a key only when not the default, so that existing caches stay valid
+        key += f" nll_tol={args.nll_tol:g}"
     path = base_dir / f"siss-eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
