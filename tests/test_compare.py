@@ -1,0 +1,81 @@
+"""eval.py compare: the five methods, the base and the retrain on "forget class 0" at the CI budget (one seed, the
+CI base). Every method lowers the base's forget rate on a countable number of samples, the table and the JSON
+have one row per model and one cell per column, and usage errors are one line before any work."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+
+import common as C
+import eval as E
+
+
+@pytest.fixture(scope="module")
+def ci_compare(digits_base, digits_classifier):
+    return E.compare(E.CompareArgs(budget="ci", seeds="0"))
+
+
+def test_every_method_lowers_the_forget_rate_of_the_base(ci_compare):
+    runs = {name: r[0] for name, r in ci_compare["per_seed"].items()}
+    n = E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["n_per_class"]   # samples asked for class 0 per model
+    base = runs["base"]
+    assert base["forget_rate"] * n >= 0.8 * n                       # the CI base draws its zeros: 16 of 20 or more
+    for name in ("sfd", "srs_me", "siss", "bilevel_prune"):          # class-conditional: at least 6 of 20 fewer
+        assert runs[name]["forget_rate"] * n <= base["forget_rate"] * n - 6, (name, runs[name]["forget_rate"])
+    # MSGM is unconditional: its share of zeros among null-token samples against the base's on as many samples
+    n_u = E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["n_uncond"]
+    assert base["forget_rate_uncond"] * n_u >= 10                   # the base draws zeros unasked, too
+    assert runs["msgm"]["forget_rate"] == runs["msgm"]["forget_rate_uncond"] <= base["forget_rate_uncond"] / 2
+    for name, m in runs.items():
+        assert 0 <= m["retain_acc"] <= 1 and math.isfinite(m["fid_retain"]), name
+
+
+def test_rows_carry_what_sets_the_methods_apart(ci_compare, runs_dir):
+    runs = {name: r[0] for name, r in ci_compare["per_seed"].items()}
+    assert runs["sfd"]["nfe"] == 1 and runs["sfd"]["nll_forget_bpd"] is None          # one step, no likelihood
+    assert all(runs[k]["nfe"] == E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["sample_steps"]
+               for k in runs if k != "sfd")
+    assert runs["bilevel_prune"]["params"] < runs["base"]["params"] == runs["srs_me"]["params"]   # pruned
+    for name in set(runs) - {"sfd"}:
+        assert all(math.isfinite(runs[name][k]) for k in ("nll_forget_bpd", "nll_forget_null_bpd", "nll_kept_bpd"))
+    for name in set(runs) - {"base"}:
+        assert runs[name]["seconds"] > 0 and runs[name]["run_cpu_s"] > 0, name
+    # the gold standard never saw the class
+    ws = runs_dir / "compare-digits-ci"
+    ck = torch.load(ws / "base-digits-no0-10-s0" / "model.pt", weights_only=False)
+    assert ck["dropped"] == [0] and ck["done"]
+    x, y = C.training_set("digits", drop_classes=(0,))
+    n_zeros = int((C.load_data("digits")[1] == 0).sum())
+    assert not (y == 0).any() and len(y) == len(C.training_set("digits")[1]) - n_zeros
+
+
+def test_table_json_and_grid_are_written(ci_compare, runs_dir):
+    ws = runs_dir / "compare-digits-ci"
+    rows = [line for line in (ws / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(E.MODELS)                             # header, separator, one row per model
+    assert {r.count("|") for r in rows} == {len(E.COMPARE_COLS) + 2}  # every row has every column
+    assert [r.split("|")[1].strip().rstrip(" †") for r in rows[2:]] == [E.LABELS[m] for m in E.MODELS]
+    saved = json.loads((ws / "results.json").read_text())
+    assert list(saved["summary"]) == list(E.MODELS) and saved["settings"]["seeds"] == [0]
+    for name, s in saved["summary"].items():
+        assert s["forget_rate"]["n"] == 1 and s["forget_rate"]["std"] is None and 0 <= s["retain_acc"]["mean"] <= 1
+    img = Image.open(ws / "grid.png")
+    assert img.width > img.height > 0
+    # a second call finds every run and evaluation and writes the same table
+    again = E.compare(E.CompareArgs(budget="ci", seeds="0"))
+    assert again["summary"] == ci_compare["summary"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--forget", "10"], "out of range"),
+])
+def test_usage_errors_are_one_line_before_any_work(argv, message, runs_dir):
+    before = sorted(runs_dir.rglob("*"))
+    r = run_script("eval.py", "compare", *argv)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0
+    assert sorted(runs_dir.rglob("*")) == before
