@@ -52,7 +52,7 @@ def test_rows_carry_what_sets_the_methods_apart(ci_compare, runs_dir):
     assert not (y == 0).any() and len(y) == len(C.training_set("digits")[1]) - n_zeros
 
 
-def test_table_json_and_grid_are_written(ci_compare, runs_dir):
+def test_table_json_and_grid_are_written(ci_compare, runs_dir, tmp_path):
     ws = runs_dir / "compare-digits-ci"
     rows = [line for line in (ws / "results.md").read_text().splitlines() if line.startswith("|")]
     assert len(rows) == 2 + len(E.MODELS)                             # header, separator, one row per model
@@ -64,14 +64,40 @@ def test_table_json_and_grid_are_written(ci_compare, runs_dir):
         assert s["forget_rate"]["n"] == 1 and s["forget_rate"]["std"] is None and 0 <= s["retain_acc"]["mean"] <= 1
     img = Image.open(ws / "grid.png")
     assert img.width > img.height > 0
-    # a second call finds every run and evaluation and writes the same table
-    again = E.compare(E.CompareArgs(budget="ci", seeds="0"))
+    # a second call finds every run and evaluation, writes the same table and pastes the report into a
+    # markdown file between its markers, the figure linked from there, the text around them untouched
+    readme = tmp_path / "README.md"
+    readme.write_text("# intro\n<!-- compare-digits:begin -->\nold table\n<!-- compare-digits:end -->\nafter\n")
+    again = E.compare(E.CompareArgs(budget="ci", seeds="0", readme=str(readme)))
     assert again["summary"] == ci_compare["summary"]
+    pasted = readme.read_text()
+    assert "old table" not in pasted and pasted.startswith("# intro\n<!-- compare-digits:begin -->\n")
+    assert pasted.endswith("<!-- compare-digits:end -->\nafter\n")
+    figure = pasted.split("framed](")[1].split(")")[0]
+    assert (tmp_path / figure).resolve() == (ws / "grid.png").resolve()
+    between = pasted.split("<!-- compare-digits:begin -->\n")[1].split("<!-- compare-digits:end -->")[0]
+    assert between.replace(f"({figure})", "(grid.png)") == (ws / "results.md").read_text()
+
+
+def test_text_grid_draws_each_pixel_and_frames_the_class():
+    K, g = 3, 2
+    x = torch.full((K * g, 1, 8, 8), -1.0)                  # black everywhere ...
+    x[g * 1, 0, 2, 5] = 1.0                                  # ... but one white pixel in class 1's first sample
+    x[g * 1 + 1] = 1.0                                       # (its second sample, not drawn, is all white)
+    x[g * 2, 0, 7, 0] = 0.0                                  # mid grey (level 5 of 10) in class 2's first sample
+    text = E._text_grid({"siss": x}, K, g, forget=1).splitlines()
+    assert len(text) == 1 + 1 + 8 and text[1] == E.LABELS["siss"]
+    rows = [line[2:] for line in text[2:]]                    # 2-space margin, then 18 characters per class
+    assert all(len(r) == 18 * K for r in rows)
+    assert [r[18] + r[35] for r in rows] == ["||"] * 8       # class 1 framed, the others not
+    assert rows[2][18 + 1 + 10: 18 + 1 + 12] == "@@"          # row 2, column 5 of class 1: two characters per pixel
+    assert rows[7][36 + 1: 36 + 3] == "++" and set("".join(rows).replace("@", "").replace("+", "")) <= set(" |")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
     (["--forget", "10"], "out of range"),
+    (["--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits:begin -->"),
 ])
 def test_usage_errors_are_one_line_before_any_work(argv, message, runs_dir):
     before = sorted(runs_dir.rglob("*"))
