@@ -219,18 +219,21 @@ class VP:
         ab = self._ab64(t, x_t)
         return (x_t - self._cast((1 - ab).sqrt(), x_t) * eps) / self._cast(ab.sqrt(), x_t)
 
-    def ddpm_step(self, eps, t: int, x_t, noise, clip: bool = True):
-        """One ancestral step x_t -> x_{t-1} (DDPM eq. 7, posterior variance beta~_t, as diffusers' fixed_small)."""
+    def ddpm_step(self, eps, t: int, x_t, noise, clip: bool = True, t_prev: int | None = None):
+        """One ancestral step x_t -> x_{t_prev} (DDPM eq. 7, posterior variance beta~_t, as diffusers' fixed_small).
+        t_prev defaults to t - 1; a larger stride (diffusers' DDPMScheduler with fewer inference steps) uses the
+        step's own beta = 1 - alpha_bar_t / alpha_bar_prev, and t_prev < 0 means alpha_bar_prev = 1."""
+        t_prev = t - 1 if t_prev is None else t_prev
         tt = torch.full((x_t.shape[0],), t)
         ab = self._ab64(tt, x_t)
-        ab_prev = self._ab64(tt - 1, x_t) if t > 0 else torch.ones_like(ab)
+        ab_prev = self._ab64(torch.full_like(tt, t_prev), x_t) if t_prev >= 0 else torch.ones_like(ab)
         beta = 1 - ab / ab_prev
         x0 = self.eps_to_x0(x_t, tt, eps)
         if clip:
             x0 = x0.clamp(-1, 1)
         c0, ct = ab_prev.sqrt() * beta / (1 - ab), (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
         mean = self._cast(c0, x_t) * x0 + self._cast(ct, x_t) * x_t
-        if t == 0:
+        if t_prev < 0:
             return mean
         var = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20)
         return mean + self._cast(var.sqrt(), x_t) * noise
@@ -267,7 +270,9 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
            seed: int = 0, batch: int = 1000, progress: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
-    ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral, all T steps (`steps` ignored).
+    ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral; all T steps if `steps` is 0 or T, else
+    `steps` strided steps at t = (steps-1)k, ..., k, 0 with k = T // steps (diffusers' DDPMScheduler with
+    num_inference_steps, "leading" spacing: what DDPMPipeline(num_inference_steps=steps) samples).
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step."""
     if sampler not in ("ddim", "ddpm", "em"):
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
@@ -283,8 +288,10 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
         x = torch.randn(shape, generator=g).to(dev)
         eps = guided(model, c_b, guidance, model.tok["null"])
         if sampler == "ddpm":
-            for t in range(vp.T - 1, -1, -1):
-                x = vp.ddpm_step(eps(x, t), t, x, torch.randn(shape, generator=g).to(dev))
+            n = vp.T if steps <= 0 or steps >= vp.T else steps
+            k = vp.T // n
+            for t in range((n - 1) * k, -1, -k):
+                x = vp.ddpm_step(eps(x, t), t, x, torch.randn(shape, generator=g).to(dev), t_prev=t - k)
         elif sampler == "ddim":
             ts = np.linspace(0, vp.T - 1, steps).round().astype(int)[::-1]
             for i, t in enumerate(ts):

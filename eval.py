@@ -168,7 +168,8 @@ def evaluate_model(model, clf, forget=(), n_per_class=100, sampler="ddim", steps
     x = C.sample(model, C.VP(), c.to(dev), sampler, steps, guidance, seed)
     secs = time.time() - t0
     m = sample_metrics(clf, x, c, *C.load_data(info.name, root, "train"), forget)
-    m.update(images_per_s=len(x) / secs, nfe=(steps if sampler != "ddpm" else C.VP().T) * (1 if guidance == 1 else 2))
+    m.update(images_per_s=len(x) / secs, nfe=(C.VP().T if sampler == "ddpm" and not 0 < steps < C.VP().T else steps)
+             * (1 if guidance == 1 else 2))
     return m, x, c
 
 

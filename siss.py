@@ -79,7 +79,7 @@ class Args:
     n_monitor: int = 100
     """samples per condition (forget token, null token) for each copy-rate check"""
     monitor_steps: int = 20
-    """DDIM steps of the copy-rate checks during unlearning"""
+    """sampler steps of the copy-rate checks during unlearning"""
     n_eval: int = 500
     """samples per condition for the final copy rates"""
     n_per_class: int = 50
@@ -90,8 +90,11 @@ class Args:
     """rtol = atol of the probability-flow ODE for the NLL (score_sde's 1e-5; larger is faster and coarser)"""
     copy_threshold: float = 0.0
     """L2 distance in [-1, 1] units below which a sample is a near-copy; 0 = official rule scaled (see README)"""
+    sampler: str = "ddpm"
+    """ddpm (ancestral, `sample_steps` strided steps: the official evaluation's DDPMPipeline, 50 inference steps)
+    | ddim (deterministic; exposes small-t damage that ancestral noise hides, see the README)"""
     sample_steps: int = 50
-    """DDIM steps for every sample drawn in evaluation"""
+    """sampler steps for every sample drawn in the final evaluation"""
     base_steps: int = 0
     """pretraining steps of the outlier base when it is not cached yet (0 = common.py's default)"""
     seed: int = 0
@@ -206,6 +209,8 @@ def check_args(args: Args):
         raise C.UsageError(f"--lam {args.lam} must lie in [0, 1] (paper: 0.5)")
     if not (args.t_fixed == -1 or 0 <= args.t_fixed < 1000):
         raise C.UsageError("--t-fixed must be -1 (uniform t) or a timestep in 0..999")
+    if args.sampler not in ("ddpm", "ddim"):
+        raise C.UsageError(f"unknown --sampler {args.sampler!r}: use ddpm or ddim")
     if min(args.steps, args.batch_size, args.eval_every, args.n_monitor, args.n_eval) < 1 or args.lr <= 0:
         raise C.UsageError("--steps, --batch-size, --eval-every, --n-monitor, --n-eval and --lr must be positive")
 
@@ -364,12 +369,13 @@ def make_batch(x, y, keep, forget, args: Args, tok: dict, gen: torch.Generator, 
 # EVALUATION: near-copies, NLL, class metrics (base vs result)
 # ----------------------------------------------------------------------------------------------------------
 
-def copy_rates(model, vp, forget_tokens, x_forget, threshold, n, steps, seed=1234):
+def copy_rates(model, vp, forget_tokens, x_forget, threshold, n, sampler, steps, seed=1234):
     """Share of n samples that are near-copies of a forget image: for the forget images' tokens (cycled)
     and for the null token (unconditional samples). Fixed seed: every check sees the same noise."""
     dev = next(model.parameters()).device
     c_tok = forget_tokens.repeat(math.ceil(n / len(forget_tokens)))[:n]
-    xs = C.sample(model, vp, torch.cat([c_tok, torch.full((n,), model.tok["null"])]).to(dev), steps=steps, seed=seed)
+    xs = C.sample(model, vp, torch.cat([c_tok, torch.full((n,), model.tok["null"])]).to(dev), sampler, steps,
+                  seed=seed)
     return (E.near_copy_rate(xs[:n], x_forget, threshold), E.near_copy_rate(xs[n:], x_forget, threshold), xs)
 
 
@@ -377,9 +383,9 @@ def evaluate(model, clf, vp, ctx: dict, args: Args) -> dict:
     """Every final figure for one model (used for the base and for the result)."""
     info = model.info
     tok_rate, null_rate, xs = copy_rates(model, vp, ctx["forget_tokens"], ctx["x_forget"], ctx["threshold"],
-                                         args.n_eval, args.sample_steps)
-    m, xc, _ = E.evaluate_model(model, clf, ctx["forget_classes"], args.n_per_class, steps=args.sample_steps,
-                                root=args.data_root)
+                                         args.n_eval, args.sampler, args.sample_steps)
+    m, xc, _ = E.evaluate_model(model, clf, ctx["forget_classes"], args.n_per_class, sampler=args.sampler,
+                                steps=args.sample_steps, root=args.data_root)
     out = {"forget_rate": tok_rate, "copy_rate_uncond": null_rate, "retain_acc": m["retain_acc"],
            "fid_retain": m["fid_retain"], "is": m["is"]}
     if ctx["forget_classes"]:
@@ -407,6 +413,8 @@ def base_metrics(base, clf, vp, ctx, args, base_dir):
     key = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
     if args.nll_tol != 1e-5:   # a key only when not the default, so that existing caches stay valid
         key += f" nll_tol={args.nll_tol:g}"
+    if args.sampler != "ddim":
+        key += f" sampler={args.sampler}"
     path = base_dir / f"siss-eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
@@ -461,9 +469,9 @@ def main(args: Args):
         bar.set_postfix(gnorm=f"{logs[-1]['gnorm']:.2f}")
         if step % args.eval_every == 0 or step == args.steps:
             tr, nr, _ = copy_rates(model, vp, ctx["forget_tokens"], ctx["x_forget"], ctx["threshold"],
-                                   args.n_monitor, args.monitor_steps)
+                                   args.n_monitor, args.sampler, args.monitor_steps)
             c = C.class_tokens(info.num_classes, 10)     # a quick retain check: 10 samples per class
-            xc = C.sample(model, vp, c.to(device), steps=args.monitor_steps, seed=4321)
+            xc = C.sample(model, vp, c.to(device), args.sampler, args.monitor_steps, seed=4321)
             ra = (E.predict(clf, xc) == c).float().mean().item()
             curve.append({"step": step, "copy_rate": tr, "copy_rate_uncond": nr, "retain_acc": ra,
                           "seconds": time.time() - t0})

@@ -41,6 +41,40 @@ def test_ancestral_step_matches_diffusers(t):
     assert torch.allclose(C.VP().ddpm_step(eps, t, x_t, noise), expected, atol=1e-5)
 
 
+def test_strided_ancestral_sampler_matches_diffusers_pipeline_steps():
+    """sample("ddpm", steps=50) is DDPMPipeline(num_inference_steps=50): the same timesteps, and each strided step
+    the same as diffusers' (its beta_t = 1 - alpha_bar_t / alpha_bar_prev, not the schedule's beta_t)."""
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
+                        variance_type="fixed_small")
+    ref.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    ref.set_timesteps(50)
+    seen = []
+
+    class Recorder(torch.nn.Module):   # a stand-in model: records the timesteps it is called at
+        info = C.data_info("digits")
+        tok = {"null": 10}
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, c):
+            seen.append(int(t))
+            return 0.3 * x
+    x = C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 50)
+    assert seen == ref.timesteps.tolist() and x.shape == (2, 1, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    x_t, eps = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
+    for t in (980, 500, 20, 0):
+        expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+        got = C.VP().ddpm_step(eps, t, x_t, noise, t_prev=t - 20)
+        assert torch.allclose(got, expected, atol=1e-5), t
+    strided = ref.step(eps, 500, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert not torch.allclose(C.VP().ddpm_step(eps, 500, x_t, noise), strided, atol=1e-2)   # one step of T is not
+
+
 def test_continuous_marginal_is_the_limit_of_the_discrete_schedule():
     vp = C.VP()
     # An independent construction: the DDPM product with a very fine grid converges to exp(-int beta).

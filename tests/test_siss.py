@@ -200,7 +200,8 @@ def test_usage_errors_are_one_line(capsys):
     """Mistakes a user can make stop before any work with exit status 2 and one line naming the fix."""
     for argv, words in [(["--method", "retrain"], "--method"), (["--forget-class", "12"], "out of range"),
                         (["--forget-idx", "5,99999"], "--forget-idx"), (["--dataset", "cifar10"], "outlier"),
-                        (["--lam", "1.5"], "--lam"), (["--forget", "class"], "--forget-class")]:
+                        (["--lam", "1.5"], "--lam"), (["--forget", "class"], "--forget-class"),
+                        (["--sampler", "em"], "--sampler")]:
         with pytest.raises(SystemExit) as e:
             C.cli(siss.main, siss.Args, argv)
         err = capsys.readouterr().err
