@@ -238,6 +238,13 @@ class VP:
         var = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20)
         return mean + self._cast(var.sqrt(), x_t) * noise
 
+    def ddpm_timesteps(self, steps: int) -> range:
+        """The ancestral chain's timesteps: all T if steps is 0 or at least T, else `steps` of them at
+        t = (steps-1)k, ..., k, 0 with k = T // steps (diffusers' DDPMScheduler with num_inference_steps,
+        "leading" spacing: what DDPMPipeline(num_inference_steps=steps) samples)."""
+        n = self.T if steps <= 0 or steps >= self.T else steps
+        return range((n - 1) * (self.T // n), -1, -(self.T // n))
+
     # continuous time ---------------------------------------------------------------------------------
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -270,9 +277,8 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
            seed: int = 0, batch: int = 1000, progress: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
-    ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral; all T steps if `steps` is 0 or T, else
-    `steps` strided steps at t = (steps-1)k, ..., k, 0 with k = T // steps (diffusers' DDPMScheduler with
-    num_inference_steps, "leading" spacing: what DDPMPipeline(num_inference_steps=steps) samples).
+    ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps
+    if `steps` is 0, else `steps` strided ones as DDPMPipeline(num_inference_steps=steps)).
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step."""
     if sampler not in ("ddim", "ddpm", "em"):
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
@@ -288,10 +294,9 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
         x = torch.randn(shape, generator=g).to(dev)
         eps = guided(model, c_b, guidance, model.tok["null"])
         if sampler == "ddpm":
-            n = vp.T if steps <= 0 or steps >= vp.T else steps
-            k = vp.T // n
-            for t in range((n - 1) * k, -1, -k):
-                x = vp.ddpm_step(eps(x, t), t, x, torch.randn(shape, generator=g).to(dev), t_prev=t - k)
+            ts = vp.ddpm_timesteps(steps)
+            for t in ts:
+                x = vp.ddpm_step(eps(x, t), t, x, torch.randn(shape, generator=g).to(dev), t_prev=t + ts.step)
         elif sampler == "ddim":
             ts = np.linspace(0, vp.T - 1, steps).round().astype(int)[::-1]
             for i, t in enumerate(ts):

@@ -168,8 +168,8 @@ def evaluate_model(model, clf, forget=(), n_per_class=100, sampler="ddim", steps
     x = C.sample(model, C.VP(), c.to(dev), sampler, steps, guidance, seed)
     secs = time.time() - t0
     m = sample_metrics(clf, x, c, *C.load_data(info.name, root, "train"), forget)
-    m.update(images_per_s=len(x) / secs, nfe=(C.VP().T if sampler == "ddpm" and not 0 < steps < C.VP().T else steps)
-             * (1 if guidance == 1 else 2))
+    nfe = len(C.VP().ddpm_timesteps(steps)) if sampler == "ddpm" else steps
+    m.update(images_per_s=len(x) / secs, nfe=nfe * (1 if guidance == 1 else 2))
     return m, x, c
 
 
@@ -334,7 +334,7 @@ class Args:
     sampler: str = "ddim"
     """ddim | ddpm | em"""
     steps: int = 50
-    """sampler steps (ddim, em)"""
+    """sampler steps (ddpm: strided as DDPMPipeline, 0 = all 1000)"""
     guidance: float = 1.0
     """classifier-free guidance scale (1 = plain conditional)"""
     nll_n: int = 100
@@ -660,16 +660,15 @@ def _text_grid(cells: dict, K: int, g: int, forget: int, ramp: str = " .:-=+*#%@
     return "\n".join(lines)
 
 
-def _markers(path: Path, dataset: str) -> tuple[str, str, str]:
-    """The text of path split around its lines <!-- compare-<dataset>:begin --> and <!-- compare-<dataset>:end -->
-    as (before and begin, between, end and after); a usage error if they are missing, doubled or out of order."""
+def _markers(path: Path, dataset: str) -> tuple[str, str]:
+    """The text of path around its lines <!-- compare-<dataset>:begin --> and <!-- compare-<dataset>:end -->:
+    (before and begin, end and after); a usage error if they are missing, doubled or out of order."""
     begin, end = f"<!-- compare-{dataset}:begin -->\n", f"<!-- compare-{dataset}:end -->"
     doc = path.read_text() if path.is_file() else ""
     if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
         raise C.UsageError(f"--readme {path}: needs one line {begin.strip()} and, after it, one line {end}")
     head, rest = doc.split(begin)
-    between, tail = rest.split(end)
-    return head + begin, between, end + tail
+    return head + begin, end + rest.split(end)[1]
 
 
 def _grid(cells: dict, path: Path, K: int, g: int, forget: int):
@@ -776,7 +775,7 @@ def compare(a: CompareArgs) -> dict:
     (ws / "results.md").write_text(_results_md(summary, settings, text_grid))
     if a.readme:   # the same report, its figure linked from where the markdown file lies
         figure = Path(os.path.relpath(ws / "grid.png", Path(a.readme).resolve().parent)).as_posix()
-        head, _, tail = _markers(Path(a.readme), a.dataset)
+        head, tail = _markers(Path(a.readme), a.dataset)
         Path(a.readme).write_text(head + _results_md(summary, settings, text_grid, figure) + tail)
     _grid(cells, ws / "grid.png", info.num_classes, 3, a.forget)
     means = {LABELS[n]: {k: (s[k] or {}).get("mean") for k, _, _ in COMPARE_COLS} for n, s in summary.items()}

@@ -75,7 +75,8 @@ class Args:
     sampler: str = "ddim"
     """ddim | ddpm | em (common.sample)"""
     sample_steps: int = 20
-    """sampler steps (ddim, em); 20 DDIM steps keep 5000 samples per model affordable on a CPU"""
+    """sampler steps (ddpm: strided as DDPMPipeline, 0 = all 1000); 20 DDIM steps keep 5000 samples per model
+    affordable on a CPU"""
     nll_n: int = 0
     """held-out test images per group (kept / undesirable) for the NLL; 0 = all"""
     nll_tol: float = 1e-4
