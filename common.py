@@ -1,25 +1,31 @@
 """Shared plumbing for the five unlearning methods: data, the conditional UNet, the VP process, pretraining.
 
-Everything a method file needs but that is not the method itself lives here, in four parts:
+Everything a method file needs but that is not the method itself lives here, in five parts:
 
   DATA       load_data("digits" | "mnist" | "fashion" | "cifar10"): tensors in [-1, 1], NCHW, int labels.
   MODEL      CondUNet: diffusers' UNet2DConditionModel, cross-attending to [BOS, token] from a small token
              table (classes, a null token for classifier-free guidance, a watermark trigger, spare tokens).
   PROCESS    VP: the DDPM schedule (T=1000, linear betas 1e-4..0.02) and its continuous twin, the VP-SDE
              (beta 0.1..20), with DDPM ancestral, DDIM and Euler-Maruyama samplers and a guidance scale.
+  PLUMBING   Args with per-dataset presets, checkpoints, resumable loops, one cache, mixed precision,
+             torchrun, sample grids and the samples.pt every run leaves.
   PRETRAIN   load_base(dataset): trains the base model every method starts from, or loads its cache.
 
-Run it to pretrain (or find) the base model and write a sample grid, one row per class:
+Run it to pretrain (or find) the base model and write its samples (samples.pt, samples.png):
 
-    python common.py                                   # bundled 8x8 digits, CPU, about 4 minutes
-    python common.py --dataset cifar10 --device cuda   # paper-scale 32x32 model
+    python common.py                                        # bundled 8x8 digits, CPU, about 4 minutes
+    python common.py --drop-classes 0 --tag no0             # the gold-standard retrain without class 0
+    python common.py --dataset cifar10 --device cuda        # the DDPM recipe on CIFAR-10 (800k steps)
+    torchrun --nproc_per_node 4 common.py --dataset cifar10 # the same, data-parallel on 4 GPUs
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -27,7 +33,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +89,15 @@ def check_class(info: DataInfo, c: int, what: str = "class") -> int:
     return c
 
 
+def parse_classes(s: str, info: DataInfo, what: str = "class") -> list:
+    """'0,3' -> [0, 3], each checked against the dataset; '' -> []."""
+    try:
+        cs = [int(v) for v in str(s).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} list {s!r} must be comma-separated integers, e.g. 0,3") from None
+    return [check_class(info, c, what) for c in cs]
+
+
 def load_data(name: str = "digits", root: str = "data", split: str = "train"):
     """Return (x, y): x float32 in [-1, 1] of shape [N, C, S, S], y int64 labels."""
     info = data_info(name)
@@ -129,19 +144,22 @@ def tokens(info: DataInfo) -> dict:
 
 
 def unet_config(info: DataInfo) -> dict:
-    if info.name == "digits":  # about 1M parameters; 8 -> 4 with attention at 4x4 and in the middle
+    dropout = 0.0
+    if info.name == "digits":  # 1.0M parameters; 8 -> 4 with attention at 4x4 and in the middle
         blocks, down, layers, ctx, head = (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"), 1, 64, 8
-    elif info.channels == 1:   # MNIST / Fashion at 32x32, about 9M parameters (SISS's MNIST model is 64/128/256)
+    elif info.channels == 1:   # MNIST / Fashion at 32x32: 17.6M parameters (SISS's MNIST model is 64/128/256)
         blocks, down, layers, ctx, head = (64, 128, 256), ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), 2, 256, 32
-    else:                      # CIFAR-10: the DDPM paper's channels (128, 256, 256, 256), attention at 16x16
-        blocks, down, layers, ctx, head = ((128, 256, 256, 256),
+    else:                      # CIFAR-10: 42.9M, the DDPM paper's channels (128, 256, 256, 256), attention at
+        blocks, down, layers, ctx, head = ((128, 256, 256, 256),   # 16x16, and its dropout 0.1
                                            ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                                            2, 256, 64)
+        dropout = 0.1
     up = tuple(b.replace("Down", "Up") for b in reversed(down))
-    return dict(sample_size=info.size, in_channels=info.channels, out_channels=info.channels,
-                block_out_channels=blocks, down_block_types=down, up_block_types=up,
-                mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=layers,
-                cross_attention_dim=ctx, attention_head_dim=head, norm_num_groups=min(32, blocks[0] // 4))
+    cfg = dict(sample_size=info.size, in_channels=info.channels, out_channels=info.channels,
+               block_out_channels=blocks, down_block_types=down, up_block_types=up,
+               mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=layers,
+               cross_attention_dim=ctx, attention_head_dim=head, norm_num_groups=min(32, blocks[0] // 4))
+    return cfg | ({"dropout": dropout} if dropout else {})
 
 
 class CondUNet(nn.Module):
@@ -181,6 +199,12 @@ class EMA:
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - self.decay)
 
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # PROCESS: one variance-preserving process, discrete (DDPM) and continuous (VP-SDE)
@@ -195,20 +219,22 @@ class VP:
         self.T, self.beta_min, self.beta_max = T, beta_min, beta_max
         self.betas = torch.linspace(beta_min / T, beta_max / T, T, dtype=torch.float64)
         self.alpha_bar = torch.cumprod(1 - self.betas, 0)
+        self._tables = {}
 
-    @staticmethod
-    def _at(v: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
-        """v[t] shaped [B, 1, 1, 1] to broadcast against x, on x's device and in x's dtype."""
-        return v[torch.as_tensor(t).long().cpu()].view(-1, *[1] * (x.ndim - 1)).to(device=x.device, dtype=x.dtype)
+    def _ab64(self, t, x) -> torch.Tensor:
+        """alpha_bar[t] shaped [B, 1, 1, 1] on x's device, in float64 (float32 on MPS, which has no float64):
+        coefficients are formed in float64 and cast once, so that 1 - alpha_bar keeps its precision near t = 0
+        (in float32 it has a 2e-4 relative error at t = 1). One copy of the table per device, so a CUDA run
+        indexes it there and never waits for the host."""
+        if x.device not in self._tables:
+            self._tables[x.device] = self.alpha_bar.to(
+                x.device, torch.float32 if x.device.type == "mps" else torch.float64)
+        t = torch.as_tensor(t, device=x.device).long()
+        return self._tables[x.device][t].view(-1, *[1] * (x.ndim - 1))
 
     @staticmethod
     def _cast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return coef.to(device=x.device, dtype=x.dtype)
-
-    def _ab64(self, t, x) -> torch.Tensor:
-        """alpha_bar[t] in float64 on the CPU: coefficients are formed in float64 and cast once, so that
-        1 - alpha_bar keeps its precision near t = 0 (in float32 it has a 2e-4 relative error at t = 1)."""
-        return self.alpha_bar[torch.as_tensor(t).long().cpu()].view(-1, *[1] * (x.ndim - 1))
+        return coef.to(dtype=x.dtype)
 
     # discrete time ------------------------------------------------------------------------------------
     def q_sample(self, x0, t, noise):
@@ -224,11 +250,10 @@ class VP:
         t_prev defaults to t - 1; a larger stride (diffusers' DDPMScheduler with fewer inference steps) uses the
         step's own beta = 1 - alpha_bar_t / alpha_bar_prev, and t_prev < 0 means alpha_bar_prev = 1."""
         t_prev = t - 1 if t_prev is None else t_prev
-        tt = torch.full((x_t.shape[0],), t)
-        ab = self._ab64(tt, x_t)
-        ab_prev = self._ab64(torch.full_like(tt, t_prev), x_t) if t_prev >= 0 else torch.ones_like(ab)
+        ab = self._ab64(t, x_t)
+        ab_prev = self._ab64(t_prev, x_t) if t_prev >= 0 else torch.ones_like(ab)
         beta = 1 - ab / ab_prev
-        x0 = self.eps_to_x0(x_t, tt, eps)
+        x0 = self.eps_to_x0(x_t, t, eps)
         if clip:
             x0 = x0.clamp(-1, 1)
         c0, ct = ab_prev.sqrt() * beta / (1 - ab), (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
@@ -274,12 +299,13 @@ def guided(model, c, guidance: float = 1.0, null: int | None = None):
 
 @torch.no_grad()
 def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-           seed: int = 0, batch: int = 1000, progress: bool = False) -> torch.Tensor:
+           seed: int = 0, batch: int = 1000, progress: bool = False, amp: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
     ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps
     if `steps` is 0, else `steps` strided ones as DDPMPipeline(num_inference_steps=steps)).
-    em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step."""
+    em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step.
+    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32)."""
     if sampler not in ("ddim", "ddpm", "em"):
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
     was_training = model.training
@@ -292,7 +318,11 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
         c_b = c_b.to(dev)
         shape = (len(c_b), info.channels, info.size, info.size)
         x = torch.randn(shape, generator=g).to(dev)
-        eps = guided(model, c_b, guidance, model.tok["null"])
+        net = guided(model, c_b, guidance, model.tok["null"])
+
+        def eps(x, t):
+            with autocast(dev, amp):
+                return net(x, t).float()
         if sampler == "ddpm":
             ts = vp.ddpm_timesteps(steps)
             for t in ts:
@@ -300,9 +330,8 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
         elif sampler == "ddim":
             ts = np.linspace(0, vp.T - 1, steps).round().astype(int)[::-1]
             for i, t in enumerate(ts):
-                tt = torch.full((len(x),), int(t), device=dev)
                 e = eps(x, float(t))
-                x0 = vp.eps_to_x0(x, tt, e).clamp(-1, 1)
+                x0 = vp.eps_to_x0(x, int(t), e).clamp(-1, 1)
                 ab_prev = vp.alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
                 x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * e
         else:
@@ -321,34 +350,112 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PLUMBING: args, seeds, devices, checkpoints, image grids
+# PLUMBING: args with per-dataset presets, devices, mixed precision, torchrun, checkpoints, caches, grids
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class RunArgs:
+    """What every method run shares (each method's Args extends it): data, device, seed, run folder, and the
+    size of the evaluation that writes samples.pt and metrics.json."""
+    dataset: str = "digits"
+    """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    data_root: str = "data"
+    """where torchvision datasets live"""
+    device: str = "auto"
+    """auto | cpu | cuda | mps"""
+    amp: bool = False
+    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU"""
+    compile: bool = False
+    """torch.compile the network being trained (CUDA; the first steps are slow while it compiles)"""
+    seed: int = 0
+    """seed for initialisation, batches, noise and sampling"""
+    tag: str = ""
+    """run folder suffix: runs/<method>-<dataset>[-<tag>]/"""
+    save_every: int = 100
+    """steps between resumable checkpoints of the training loop (0 = none); a rerun with the same
+    arguments continues from the last one"""
+    n_per_class: int = 100
+    """samples per class drawn by the method's own sampler for samples.pt and the evaluation"""
+    sample_steps: int = 50
+    """sampler steps of those samples (DDIM unless the method says otherwise)"""
+    n_nll: int = 16
+    """held-out images per group (forgotten / kept) whose NLL in bits/dim the run reports"""
+    nll_tol: float = 1e-4
+    """rtol = atol of the probability-flow ODE for the NLL (score_sde: 1e-5; 1e-4 agrees to ~0.001 bits/dim)"""
+    fid_features: str = "auto"
+    """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) | auto
+    (inception for cifar10 when installed, else the dataset classifier's features)"""
+    inception_weights: str = ""
+    """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
+    presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000), "cifar10": dict(save_every=5000)}
+
+
+def _fields(cls) -> list:
+    """An Args class's fields, its own first, then the inherited ones (the order of --help)."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fs = dataclasses.fields(cls)
+    return [f for f in fs if f.name in own] + [f for f in fs if f.name not in own]
+
+
 def _field_docs(cls) -> dict:
-    """The docstring under each dataclass field (CleanRL's convention), for --help."""
+    """The docstring under each dataclass field (CleanRL's convention), for --help, over the class and its bases."""
     docs = {}
-    try:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-    except (OSError, TypeError):
-        return docs
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)
+    for k in reversed(cls.__mro__):
+        try:
+            body = ast.parse(inspect.getsource(k)).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs
 
 
+def presets(cls) -> dict:
+    """{dataset: {field: value}}: where an Args class's values differ from its defaults (the digits values),
+    from its `presets` class attribute merged over those of its bases."""
+    out = {}
+    for k in reversed(cls.__mro__):
+        for ds, values in k.__dict__.get("presets", {}).items():
+            out.setdefault(ds, {}).update(values)
+    return out
+
+
+def make_args(cls, **given):
+    """cls(**given), every field not given taking the dataset's preset, else its default."""
+    dataset = given.get("dataset", {f.name: f.default for f in dataclasses.fields(cls)}.get("dataset"))
+    return cls(**{**presets(cls).get(dataset, {}), **given})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # argparse's own errors (unknown flag, bad value) become one line too
+        raise UsageError(message)
+
+
 def parse_args(cls, argv=None):
-    """Build an Args dataclass from the command line: every field becomes --field-name."""
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
+    """Build an Args dataclass from the command line: every field becomes --field-name; its help shows the
+    value that will be used, e.g. "learning rate [1e-3; mnist, fashion: 2e-4]" (digits first)."""
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    usage = [line.strip() for line in doc.splitlines() if line.strip().startswith(("python ", "torchrun "))]
+    p = _Parser(description=doc.split("\n")[0].replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=("examples:\n  " + "\n  ".join(usage)).replace("%", "%%") if usage else None)
+    docs, pre = _field_docs(cls), presets(cls)
+    show = lambda v: f"{v:g}" if isinstance(v, float) else repr(v) if v == "" else str(v)
+    types = {"int": int, "float": float, "str": str}
+    for f in _fields(cls):
+        groups = {}
+        for ds, values in pre.items():
+            if f.name in values and values[f.name] != f.default:
+                groups.setdefault(show(values[f.name]), []).append(ds)
+        used = show(f.default) + "".join(f"; {', '.join(d)}: {v}" for v, d in groups.items())
+        help_ = f"{docs.get(f.name, '')} [{used}]".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=docs.get(f.name))
-    return cls(**vars(p.parse_args(argv)))
+            kind = types.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), type(f.default))
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+    return make_args(cls, **vars(p.parse_args(argv)))
 
 
 def cli(main, args_cls, argv=None):
@@ -367,20 +474,60 @@ def seed_everything(seed: int):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device by name (auto: cuda, mps, cpu in that order); on CUDA also TF32 matmuls, and under torchrun
+    each process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    if name.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
-def save_checkpoint(path, model: CondUNet, step: int, **extra):
-    """Write atomically (temp file, then rename): an interrupted save never leaves a broken checkpoint."""
+def amp_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, enabled: bool = True):
+    """Mixed precision for a forward pass: bf16 (fp16 on older cards) autocast on CUDA; a no-op elsewhere."""
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=amp_dtype())
+
+
+def grad_scaler(device, enabled: bool = True):
+    """Loss scaling for fp16 autocast; a pass-through (scale, unscale_, step, update do nothing extra) in every
+    other case, so a training loop calls it unconditionally."""
+    on = enabled and torch.device(device).type == "cuda" and amp_dtype() == torch.float16
+    return torch.amp.GradScaler("cuda" if on else "cpu", enabled=on)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (RANK and WORLD_SIZE in the environment) the process group is started
+    on the first call, NCCL on CUDA and gloo on the CPU; a plain process is (0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def atomic_save(obj, path):
+    """torch.save through a temporary file and a rename: an interrupted save never leaves a broken file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": model.config, "step": step, "model": model.state_dict(), **extra}, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, model: CondUNet, step: int, **extra):
+    atomic_save({"config": model.config, "step": step, "model": model.state_dict(), **extra}, path)
 
 
 def load_checkpoint(path, dataset: str, device="cpu"):
@@ -404,28 +551,137 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     return model.to(device), ck
 
 
+def _state(obj):
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, (list, dict)):
+        return copy.deepcopy(obj)
+    return obj.state_dict()
+
+
+def _restore(obj, state):
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, list):
+        obj[:] = state
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    else:
+        obj.load_state_dict(state)
+
+
+class Resume:
+    """A training loop's resumable state. Every `every` steps the named objects (modules, optimisers, EMA,
+    grad scalers, torch.Generators, lists or dicts of logs) and the RNG states of torch, numpy and random are
+    written atomically to `path`; a rerun whose `key` (the run's arguments) is the same continues after the
+    last save with the same RNG streams, so it ends with the weights an uninterrupted run ends with.
+
+        resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model, opt=opt, log=log)
+        for step in range(resume.load(), steps):   # 0 on a fresh run
+            ...
+            resume.save(step + 1)                   # writes when (step + 1) % every == 0
+        resume.finish()                             # the run is complete: the file goes
+    """
+
+    def __init__(self, path, key, every: int, **objects):
+        self.path, self.every, self.objects = Path(path), every, objects
+        self.key = json.dumps(key, sort_keys=True, default=str)
+
+    def load(self) -> int:
+        if not self.path.exists():
+            return 0
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception:
+            print(f"{self.path} is unreadable: starting afresh")
+            return 0
+        if ck.get("key") != self.key:
+            print(f"{self.path} belongs to a run with other arguments: starting afresh")
+            return 0
+        for name, obj in self.objects.items():
+            _restore(obj, ck["state"][name])
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["random"])
+        if "cuda" in ck["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        print(f"resuming from {self.path} at step {ck['step']}")
+        return ck["step"]
+
+    def save(self, step: int, force: bool = False):
+        if not (force or (self.every > 0 and step % self.every == 0)) or distributed()[0] != 0:
+            return
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_save({"key": self.key, "step": step, "rng": rng,
+                     "state": {name: _state(obj) for name, obj in self.objects.items()}}, self.path)
+
+    def finish(self):
+        if distributed()[0] == 0:
+            self.path.unlink(missing_ok=True)
+
+
+def file_id(path) -> str:
+    """Identity of a file's contents (size and SHA-1), for cache keys: a rewritten model gets a new one."""
+    h = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+    return f"{Path(path).stat().st_size}-{h}"
+
+
+def cached(path, key, compute):
+    """compute() once per key: the value is stored at `path` together with `key` (anything JSON can write:
+    settings, file_id()s of the models involved) and read back while the key is the same. The one cache of
+    the repository: base evaluations, retrained references and trained shifts all go through it."""
+    path, key = Path(path), json.dumps(key, sort_keys=True, default=str)
+    if path.exists():
+        try:
+            hit = torch.load(path, map_location="cpu", weights_only=False)
+            if hit.get("key") == key:
+                return hit["value"]
+        except Exception:
+            pass
+    value = compute()
+    atomic_save({"key": key, "value": value}, path)
+    return value
+
+
+def run_dir(method: str, dataset: str, tag: str = "") -> Path:
+    """runs/<method>-<dataset>[-<tag>]/: where a run writes args.json, model.pt, samples.pt/png, metrics.json."""
+    return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
+
+
+def start_run(method: str, args) -> Path:
+    """Create the run folder and write args.json (the resolved arguments, presets applied)."""
+    out = run_dir(method, args.dataset, args.tag)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    return out
+
+
+def save_samples(folder, x: torch.Tensor, c: torch.Tensor, sampler: str, nfe: int, null: int):
+    """samples.pt, the one thing the comparison needs besides metrics.json: images in [-1, 1], the token each
+    was drawn for (a class, or `null` for an unconditional sample), the sampler's name and its network
+    evaluations per image."""
+    atomic_save({"x": x.detach().float().cpu(), "c": c.detach().long().cpu(), "sampler": sampler,
+                 "nfe": nfe, "null": null}, Path(folder) / "samples.pt")
+
+
 def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(), highlight_cols=()):
-    """Save images in [-1, 1] as a PNG grid (nrow images per row), upscaled `scale`x; highlighted rows and
-    columns get a red frame."""
-    from PIL import Image
-    n, ch, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    pad = 1
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 0.5, dtype=np.float32)
-    img = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-    if ch == 1:
-        img = img.repeat(3, axis=3)
+    """Save images in [-1, 1] as a PNG grid (torchvision's make_grid, nrow per row, 1-pixel grey gaps),
+    upscaled `scale`x; the gaps around highlighted rows and columns are red."""
+    from torchvision.utils import make_grid, save_image
+    grid = make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=0.5)
+    gap = make_grid(torch.zeros_like(x[:, :1]).cpu().float(), nrow=nrow, padding=1, pad_value=1.0)[0] > 0
+    h, w = x.shape[2] + 1, x.shape[3] + 1
+    frame = torch.zeros_like(gap)
     for r in highlight_rows:
-        grid[r * (h + pad):(r + 1) * (h + pad) + pad, :] = (1, 0, 0)
+        frame[r * h:(r + 1) * h + 1] = True
     for c in highlight_cols:
-        grid[:, c * (w + pad):(c + 1) * (w + pad) + pad] = (1, 0, 0)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img[i]
-    im = Image.fromarray((grid * 255).round().astype(np.uint8))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+        frame[:, c * w:(c + 1) * w + 1] = True
+    grid[:, gap & frame] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
 
 
 def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
@@ -441,32 +697,50 @@ def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
 class Args:
     dataset: str = "digits"
     """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    steps: int = 1400
+    """training steps (cifar10: DDPM's 800k steps; the DDPM paper took 10.6 hours on a TPU v3-8)"""
+    batch_size: int = 64
+    """global batch (split across the processes of torchrun)"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    warmup: int = 0
+    """linear learning-rate warm-up steps"""
+    ema: float = 0.995
+    """decay of the EMA weights that are saved and sampled"""
+    p_null: float = 0.1
+    """label dropout to the null token (classifier-free guidance, the unconditional model)"""
+    flip: bool = False
+    """random horizontal flips (DDPM's CIFAR-10 augmentation; digits are not flip-invariant)"""
+    drop_classes: str = ""
+    """classes left out of the training set, e.g. 0 (the gold-standard retrain); give it its own --tag"""
+    force: bool = False
+    """retrain even if a finished cached checkpoint exists (needed to change --steps of a cached base)"""
+    n_per_class: int = 10
+    """samples per class in samples.pt / samples.png"""
+    n_uncond: int = 0
+    """null-token (unconditional) samples added to samples.pt"""
+    sample_steps: int = 50
+    """DDIM steps of those samples"""
     data_root: str = "data"
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
-    steps: int = 0
-    """training steps; 0 = the dataset's default (digits 1400; mnist/fashion 50k; cifar10 200k)"""
-    batch_size: int = 0
-    """0 = the dataset's default (digits 64, others 128)"""
-    lr: float = 0.0
-    """AdamW learning rate; 0 = default (digits 1e-3, others 2e-4 with 1000 warm-up steps)"""
+    amp: bool = False
+    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU"""
+    compile: bool = False
+    """torch.compile the UNet (CUDA)"""
+    save_every: int = 200
+    """steps between resumable checkpoints"""
     seed: int = 0
     """seed for initialisation, batches and noise"""
-    force: bool = False
-    """retrain even if a finished cached checkpoint exists (needed to change --steps of a cached base)"""
-
-
-def train_defaults(info: DataInfo) -> dict:
-    if info.name == "digits":  # the prototype's recipe: 93-95% sample accuracy in about 4 CPU minutes
-        return dict(steps=1400, batch_size=64, lr=1e-3, warmup=0, ema=0.995, p_null=0.1)
-    return dict(steps=200_000 if info.name == "cifar10" else 50_000, batch_size=128, lr=2e-4, warmup=1000,
-                ema=0.9999, p_null=0.1)
-
-
-def run_dir(method: str, dataset: str, tag: str = "") -> Path:
-    """runs/<method>-<dataset>[-<tag>]/: where a method run writes args.json, model.pt, samples.png, metrics.json."""
-    return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
+    tag: str = ""
+    """run folder suffix: runs/base-<dataset>[-<tag>]/"""
+    presets = {  # 32x32 data: DDPM's recipe (Ho et al. 2020, Appendix B); MNIST / Fashion converge far sooner
+        "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999, save_every=5000),
+        "fashion": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999, save_every=5000),
+        "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema=0.9999, flip=True,
+                        save_every=5000),
+    }
 
 
 def base_path(dataset: str, tag: str = "") -> Path:
@@ -490,66 +764,73 @@ def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
     return torch.cat(xs), torch.cat(ys)
 
 
-def pretrain(dataset: str = "digits", tag: str = "", extra=None, steps: int = 0, batch_size: int = 0,
-             lr: float = 0.0, seed: int = 0, device="cpu", root: str = "data", force: bool = False,
-             out: Path | None = None, drop_classes=()) -> Path:
-    """Train the class-conditional base model (eps-MSE, 10% label dropout to null) and cache its EMA weights.
-    drop_classes: classes left out of the training set (see training_set); give such a model its own tag.
-
-    Resumable: a checkpoint is written every few hundred steps with the optimiser state and the raw weights."""
-    info = data_info(dataset)
-    hp = train_defaults(info)
-    hp.update({k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v})
+def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", root: str = "data",
+             force: bool = False, out: Path | None = None, drop_classes=(), **recipe) -> Path:
+    """Train the class-conditional base model (eps-MSE, label dropout to null) and cache its EMA weights.
+    recipe: Args fields (steps, batch_size, lr, seed, amp, ...) over the dataset's presets. drop_classes:
+    classes left out of the training set (see training_set); give such a model its own tag. Resumable, and
+    data-parallel under torchrun (each process draws batch_size / world images; rank 0 writes)."""
+    hp = make_args(Args, dataset=dataset, **recipe)
     path = Path(out) if out else base_path(dataset, tag)
-    state = None
-    if path.exists() and not force:
-        _, state = load_checkpoint(path, dataset)
-        if state.get("done"):
-            return path
+    if path.exists() and not force and load_checkpoint(path, dataset)[1].get("done"):
+        return path
+    rank, world = distributed()
+    if hp.batch_size % world:
+        raise UsageError(f"--batch-size {hp.batch_size} must be a multiple of the {world} processes")
     x, y = training_set(dataset, root, extra, drop_classes)
-    tok = tokens(info)
-    seed_everything(seed)
-    device = torch.device(device)
+    tok, vp, device = tokens(data_info(dataset)), VP(), torch.device(device)
+    seed_everything(hp.seed)                            # the same initial weights in every process
     model = CondUNet(dataset).to(device)
-    ema = EMA(model, hp["ema"])
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"])
-    step = 0
-    if state is not None and "train" in state:
-        model.load_state_dict(state["train"]["raw"])
-        ema.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["train"]["opt"])
-        step = state["step"]
-        torch.set_rng_state(state["train"]["rng"])
-        print(f"resuming {path} at step {step}")
-    vp = VP()
-    print(f"pretraining {dataset}{'/' + tag if tag else ''}: {n_params(model) / 1e6:.2f}M parameters, "
-          f"{len(x)} images, {hp['steps']} steps of batch {hp['batch_size']} on {device}")
-    t0, losses = time.time(), []
-    bar = tqdm(range(step, hp["steps"]), initial=step, total=hp["steps"], desc="pretrain")
+    ema = EMA(model, hp.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr)
+    scaler = grad_scaler(device, hp.amp)
+    net = torch.compile(model) if hp.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    key = dict(dataclasses.asdict(hp), tag=tag, drop=sorted(drop_classes), n=len(x), out=str(path))
+    resume = Resume(path.with_name("resume.pt"), key, hp.save_every, model=model, ema=ema, opt=opt, scaler=scaler)
+    start = resume.load()           # restores the RNG streams too: a resumed run continues the same batches
+    if rank == 0:
+        print(f"pretraining {dataset}{'/' + tag if tag else ''}: {n_params(model) / 1e6:.2f}M parameters, "
+              f"{len(x)} images, {hp.steps} steps of batch {hp.batch_size} on {device}"
+              + (f" x {world} processes" if world > 1 else ""))
+    t0, losses, n = time.time(), [], hp.batch_size
+    mine = slice(rank * n // world, (rank + 1) * n // world)
+    bar = tqdm(range(start, hp.steps), initial=start, total=hp.steps, desc="pretrain", disable=rank > 0)
     for step in bar:
-        idx = torch.randint(len(x), (hp["batch_size"],))
-        x0, c = x[idx].to(device), y[idx].clone()
-        drop = (torch.rand(len(c)) < hp["p_null"]) & (c != tok["watermark"])
+        # Every process draws the same global batch (same seed) and keeps its own share of it: with the
+        # gradients averaged by DistributedDataParallel, N processes take exactly the steps one process takes.
+        idx = torch.randint(len(x), (n,))[mine]
+        x0, c = x[idx].to(device, non_blocking=True), y[idx].clone()
+        if hp.flip:
+            x0 = torch.where(torch.rand(n, 1, 1, 1, device=device)[mine] < 0.5, x0.flip(3), x0)
+        drop = (torch.rand(n)[mine] < hp.p_null) & (c != tok["watermark"])
         c = torch.where(drop, torch.full_like(c, tok["null"]), c).to(device)
-        t = torch.randint(vp.T, (len(x0),), device=device)
-        noise = torch.randn_like(x0)
-        loss = F.mse_loss(model(vp.q_sample(x0, t, noise), t, c), noise)
+        t = torch.randint(vp.T, (n,), device=device)[mine]
+        noise = torch.randn((n, *x0.shape[1:]), device=device)[mine]
+        with autocast(device, hp.amp):
+            loss = F.mse_loss(net(vp.q_sample(x0, t, noise), t, c).float(), noise)
         for g in opt.param_groups:
-            g["lr"] = hp["lr"] * min(1.0, (step + 1) / hp["warmup"]) if hp["warmup"] else hp["lr"]
+            g["lr"] = hp.lr * min(1.0, (step + 1) / hp.warmup) if hp.warmup else hp.lr
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         ema.update(model)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % 200 == 0 or step + 1 == hp["steps"]:
-            done = step + 1 == hp["steps"]
+        if ((step + 1) % 200 == 0 or step + 1 == hp.steps) and rank == 0:
             tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {time.time() - t0:6.0f}s")
-            resume = {} if done else {"train": {"raw": model.state_dict(), "opt": opt.state_dict(),
-                                                "rng": torch.get_rng_state()}}
-            save_checkpoint(path, ema.model, step + 1, done=done, seconds=time.time() - t0, hp=hp, **resume,
-                            **({"dropped": sorted(drop_classes)} if drop_classes else {}))
+        resume.save(step + 1)
+    if rank == 0:
+        save_checkpoint(path, ema.model, hp.steps, done=True, seconds=time.time() - t0, hp=dataclasses.asdict(hp),
+                        **({"dropped": sorted(drop_classes)} if drop_classes else {}))
+    resume.finish()
+    if world > 1:
+        torch.distributed.barrier()
     return path
 
 
@@ -561,16 +842,30 @@ def load_base(dataset: str = "digits", device="cpu", tag: str = "", extra=None, 
 
 def main(args: Args):
     info = data_info(args.dataset)
-    device = pick_device(args.device)
-    t0 = time.time()
-    path = pretrain(args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    device=device, root=args.data_root, force=args.force)
+    drop = parse_classes(args.drop_classes, info, "--drop-classes class")
+    if drop and not args.tag:
+        raise UsageError("--drop-classes trains another model than the base: give it a --tag, e.g. no0")
+    device, t0 = pick_device(args.device), time.time()
+    recipe = {k: v for k, v in dataclasses.asdict(args).items()
+              if k not in ("dataset", "tag", "drop_classes", "force", "data_root", "device", "n_per_class",
+                           "n_uncond", "sample_steps")}
+    path = pretrain(args.dataset, args.tag, device=device, root=args.data_root, force=args.force, drop_classes=drop,
+                    **recipe)
+    if distributed()[0] != 0:
+        return None
     model, ck = load_checkpoint(path, args.dataset, device)
     print(f"base model: {path} (step {ck['step']}, {n_params(model) / 1e6:.2f}M parameters, "
           f"trained in {ck.get('seconds', 0):.0f}s; this call took {time.time() - t0:.1f}s)")
-    grid = sample(model, VP(), class_tokens(info.num_classes, 10).to(device), seed=args.seed)
-    save_grid(grid, path.parent / "samples.png", nrow=10)
-    print(f"sample grid (one row per class): {path.parent / 'samples.png'}")
+    c = torch.cat([class_tokens(info.num_classes, args.n_per_class), torch.full((args.n_uncond,), model.tok["null"])])
+    x = sample(model, VP(), c.to(device), "ddim", args.sample_steps, seed=args.seed, amp=args.amp)
+    save_samples(path.parent, x, c, f"ddim-{args.sample_steps}", args.sample_steps, model.tok["null"])
+    save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png", nrow=args.n_per_class)
+    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": args.sample_steps,
+               "step": ck["step"], "dropped": ck.get("dropped", [])}
+    (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"samples (one row per class): {path.parent / 'samples.png'}, samples.pt")
+    print(json.dumps(metrics))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Every metric the five methods report, and a command that evaluates one model.
+"""Every metric the five methods report, one evaluation of what a run leaves, and the comparison of all five.
 
   CLASSIFIER  a small CNN per dataset, trained once and cached; it judges generated samples
   CLASS       per-class accuracy of samples, forget rate, retain accuracy, Inception-style score
   FID         Frechet distance between feature Gaussians (pytorch-fid's formula; classifier features)
   NLL         exact likelihood in bits/dim through the probability-flow ODE (score_sde's likelihood.py)
   COPIES      share of samples that are near-copies (L2) of given images (data unlearning)
-  COMPARISON  the five methods forget one class; every resulting model gets the same evaluation
+  RUNS        judge(samples.pt), the NLL figures a run reports, the cached base evaluation, report()
+  COMPARISON  `python eval.py compare`: every method run as a program on one scenario, its samples.pt judged
+              by the same functions, its model-bound figures read from its metrics.json
 
     python eval.py                                  # digits, the cached base model
     python eval.py --ckpt runs/x/model.pt --forget 0,3
@@ -14,16 +16,15 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import io
+import hashlib
 import json
 import math
 import os
-import shutil
+import resource
+import subprocess
 import sys
 import time
 import warnings
-from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,19 @@ def predict(clf, x) -> torch.Tensor:
 
 
 def features(clf, x) -> np.ndarray:
+    """The FID features of images x: the classifier's 128-d penultimate layer, or Inception's 2048-d pool
+    features when load_judge attached pytorch-fid's network to the classifier (clf.fid_net)."""
+    if getattr(clf, "fid_net", None) is not None:
+        return inception_features(clf.fid_net, x)
     return _batched(clf.body, x).double().numpy()
+
+
+def load_judge(args, device) -> Classifier:
+    """The classifier of args.dataset with the FID network args.fid_features asks for attached (see
+    fid_network): what every run judges its samples with."""
+    clf = load_classifier(args.dataset, args.data_root, device)
+    clf.fid_net = fid_network(args.fid_features, args.inception_weights, args.dataset, device)
+    return clf
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,6 +146,7 @@ def sample_metrics(clf, x, c, x_real, y_real, forget=()) -> dict:
     forget_rate: conditional, the share of samples asked for a forgotten class that are classified as it;
                  unconditional, the share of all samples classified as any forgotten class.
     retain_acc:  the share of samples asked for a kept class that are classified as asked (conditional only).
+    confusion:   (conditional) counts of asked class x predicted class.
     fid_retain:  FID between the samples for kept classes (unconditional: samples not classified as forgotten)
                  and the real images of the kept classes, in classifier features."""
     forget = torch.as_tensor(list(forget), dtype=torch.long)
@@ -149,28 +163,14 @@ def sample_metrics(clf, x, c, x_real, y_real, forget=()) -> dict:
         c = c.cpu()
         K = probs.shape[1]
         out["class_acc"] = [(pred[c == k] == k).float().mean().item() if (c == k).any() else None for k in range(K)]
+        # confusion[k][j]: how many samples asked for class k the classifier assigns to class j
+        out["confusion"] = torch.bincount(c.clamp(max=K - 1) * K + pred, minlength=K * K).view(K, K).tolist()
         kept = (c < K) & ~torch.isin(c, forget)
         out["retain_acc"] = (pred[kept] == c[kept]).float().mean().item() if kept.any() else None
         in_f = torch.isin(c, forget)
         out["forget_rate"] = (pred[in_f] == c[in_f]).float().mean().item() if in_f.any() else None
     out["fid_retain"] = fid(clf, x[kept], real_kept)
     return out
-
-
-def evaluate_model(model, clf, forget=(), n_per_class=100, sampler="ddim", steps=50, guidance=1.0, seed=0,
-                   root="data"):
-    """Sample n_per_class images per class from a CondUNet and judge them (sample_metrics); also sampling speed.
-    Returns (metrics, samples, labels)."""
-    info = model.info
-    dev = next(model.parameters()).device
-    c = C.class_tokens(info.num_classes, n_per_class)
-    t0 = time.time()
-    x = C.sample(model, C.VP(), c.to(dev), sampler, steps, guidance, seed)
-    secs = time.time() - t0
-    m = sample_metrics(clf, x, c, *C.load_data(info.name, root, "train"), forget)
-    nfe = len(C.VP().ddpm_timesteps(steps)) if sampler == "ddpm" else steps
-    m.update(images_per_s=len(x) / secs, nfe=nfe * (1 if guidance == 1 else 2))
-    return m, x, c
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +202,50 @@ def feature_stats(f: np.ndarray):
 
 def fid(clf, x_a, x_b) -> float:
     return frechet_distance(*feature_stats(features(clf, x_a)), *feature_stats(features(clf, x_b)))
+
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def fid_network(choice: str, weights: str, dataset: str, device):
+    """None (FID in the classifier's features) or pytorch-fid's InceptionV3 (the TF-Inception weights every
+    paper's FID uses), by choice: classifier | inception | auto (inception for cifar10 when pytorch-fid and its
+    weights are there, else the classifier). weights: the path of pytorch-fid's weights file, for machines
+    without network (pytorch-fid otherwise downloads it once into torch's hub cache)."""
+    if choice not in ("auto", "classifier", "inception"):
+        raise C.UsageError(f"unknown --fid-features {choice!r}: use auto, classifier or inception")
+    if choice == "classifier" or (choice == "auto" and dataset != "cifar10"):
+        return None
+    if weights and not Path(weights).is_file():
+        raise C.UsageError(f"--inception-weights {weights}: no such file")
+    try:
+        from pytorch_fid import inception as pfid
+        if weights:   # pytorch-fid fetches its weights by URL; hand it the local file instead
+            pfid.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu")
+        net = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    except Exception as e:   # not installed, or no network and no cached weights
+        if choice == "auto":
+            print(f"FID in classifier features: Inception is unavailable ({type(e).__name__})")
+            return None
+        raise C.UsageError(f"Inception FID needs pytorch-fid and its weights ({type(e).__name__}): `pip install "
+                           f"pytorch-fid` on a machine with network, or --inception-weights PATH to "
+                           f"{INCEPTION_FILE}") from None
+    return net.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(net, x, batch: int = 200) -> np.ndarray:
+    """pytorch-fid's pipeline (fid_score.get_activations) on images in [-1, 1]: 8-bit levels as in the PNG files
+    it reads, grey images repeated to RGB, values in [0, 1] into the network (which resizes to 299 x 299 and
+    rescales itself), the pool features averaged to 1 x 1 if they are not already."""
+    dev, out = next(net.parameters()).device, []
+    for b in x.split(batch):
+        b = ((b.float().clamp(-1, 1) + 1) * 127.5).round() / 255
+        b = b.expand(-1, 3, -1, -1) if b.shape[1] == 1 else b
+        f = net(b.to(dev))[0]
+        f = F.adaptive_avg_pool2d(f, 1) if f.shape[2:] != (1, 1) else f
+        out.append(f.flatten(1).double().cpu())
+    return torch.cat(out).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,6 +361,101 @@ def report(metrics: dict, path=None):
     print(json.dumps(metrics), flush=True)
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RUNS: what every method run reports, computed by the same functions everywhere
+# ----------------------------------------------------------------------------------------------------------
+
+def load_samples(path) -> dict:
+    """A run's samples.pt (see common.save_samples), checked."""
+    path = Path(path)
+    if not path.exists():
+        raise C.UsageError(f"no samples at {path}: the run did not finish")
+    s = torch.load(path, map_location="cpu", weights_only=False)
+    if not {"x", "c", "sampler", "nfe", "null"} <= set(s) or len(s["x"]) != len(s["c"]):
+        raise C.UsageError(f"{path} is not a samples.pt of this repository; run the method again")
+    return s
+
+
+def judge(s: dict, clf, x_real, y_real, forget) -> dict:
+    """The evaluation of one samples.pt (its dict). Samples drawn for a class (c < K) give forget_rate,
+    retain_acc, fid_retain, class_acc and IS as sample_metrics defines them; null-token samples give
+    forget_rate_uncond, the share classified as a forgotten class. A model with only null-token samples (an
+    unconditional model) takes that share as its forget rate, FID from the samples not classified as
+    forgotten, and as retain_acc the classifier's mean confidence on them (there is no asked-for class)."""
+    x, c, K = s["x"], s["c"], clf.head.out_features
+    m = {"sampler": s["sampler"], "nfe": s["nfe"]}
+    cond, unc = c < K, c == s["null"]
+    if cond.any():
+        m.update(sample_metrics(clf, x[cond], c[cond], x_real, y_real, forget))
+    if unc.any():
+        u = sample_metrics(clf, x[unc], None, x_real, y_real, forget)
+        m.update(forget_rate_uncond=u["forget_rate"], class_share=u["class_share"], n_uncond=u["n_samples"])
+        if not cond.any():
+            p = F.softmax(_batched(clf, x[unc]), 1)
+            kept = ~torch.isin(p.argmax(1), torch.as_tensor(list(forget), dtype=torch.long))
+            m.update({"forget_rate": u["forget_rate"], "fid_retain": u["fid_retain"], "is": u["is"],
+                      "n_samples": u["n_samples"],
+                      "retain_acc": p[kept].max(1).values.mean().item() if kept.any() else None})
+    return m
+
+
+def class_nll(model, x_test, y_test, forget, n: int, tol: float, conditional: bool = True) -> dict:
+    """The NLL figures every run reports (bits/dim, one probability-flow ODE solve for all of them): the first n
+    held-out images of the forgotten classes under their class token (nll_forget_bpd) and under the null token
+    (nll_forget_null_bpd), the first n of the kept classes under theirs (nll_kept_bpd). An unconditional
+    model (conditional=False) is asked under the null token only."""
+    f = torch.isin(y_test, torch.as_tensor(list(forget), dtype=torch.long))
+    xf, yf, xk, yk = x_test[f][:n], y_test[f][:n], x_test[~f][:n], y_test[~f][:n]
+    null = lambda k: torch.full((k,), model.tok["null"], dtype=torch.long)
+    if conditional:
+        xs, cs = torch.cat([xf, xk, xf]), torch.cat([yf, yk, null(len(xf))])
+    else:
+        xs, cs = torch.cat([xf, xk]), null(len(xf) + len(xk))
+    bpd = model_nll(model, xs, cs, rtol=tol, atol=tol)
+    nf, nk = len(xf), len(xk)
+    return {"nll_forget_bpd": float(bpd[:nf].mean()), "nll_kept_bpd": float(bpd[nf:nf + nk].mean()),
+            "nll_forget_null_bpd": float(bpd[nf + nk:].mean() if conditional else bpd[:nf].mean()),
+            "nll_n": n, "nll_tol": tol}
+
+
+def evaluate_model(model, clf, args, forget, sampler: str = "ddim", nll: bool = True, conditional: bool = True):
+    """Sample args.n_per_class images per class from a CondUNet (args: a common.RunArgs), judge them, add the
+    NLL figures and the sampling speed. Returns (metrics, samples dict as in samples.pt)."""
+    dev, info = next(model.parameters()).device, model.info
+    c = C.class_tokens(info.num_classes, args.n_per_class) if conditional else \
+        torch.full((args.n_per_class * info.num_classes,), model.tok["null"])
+    t0 = time.time()
+    x = C.sample(model, C.VP(), c.to(dev), sampler, args.sample_steps, seed=args.seed, amp=args.amp)
+    secs = time.time() - t0
+    nfe = len(C.VP().ddpm_timesteps(args.sample_steps)) if sampler == "ddpm" else args.sample_steps
+    s = {"x": x, "c": c, "sampler": f"{sampler}-{args.sample_steps}", "nfe": nfe, "null": model.tok["null"]}
+    m = judge(s, clf, *C.load_data(info.name, args.data_root, "train"), forget)
+    m.update(images_per_s=len(x) / secs, params=C.n_params(model))
+    if nll and args.n_nll > 0:
+        m.update(class_nll(model, *C.load_data(info.name, args.data_root, "test"), forget, args.n_nll,
+                           args.nll_tol, conditional))
+    return m, s
+
+
+def evaluate_base(path, clf, args, forget, sampler: str = "ddim", conditional: bool = True) -> tuple:
+    """evaluate_model for a checkpoint that does not change between runs (the base model): computed once per
+    (model file, evaluation settings) and cached next to the checkpoint. Returns (metrics, first 10 samples
+    per class for sample grids)."""
+    keys = ("n_per_class", "sample_steps", "n_nll", "nll_tol", "seed", "data_root")
+    key = dict(model=C.file_id(path), forget=sorted(forget), sampler=sampler, conditional=conditional, version=2,
+               **{k: getattr(args, k) for k in keys})
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def compute():
+        model = C.load_checkpoint(path, args.dataset, C.pick_device(args.device))[0]
+        m, s = evaluate_model(model, clf, args, forget, sampler, conditional=conditional)
+        n = args.n_per_class
+        return m, s["x"].view(-1, n, *s["x"].shape[1:])[:, :10].flatten(0, 1)
+    return C.cached(Path(path).parent / f"eval-{name}.pt", key, compute)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLI: evaluate one checkpoint
 # ----------------------------------------------------------------------------------------------------------
@@ -333,51 +472,52 @@ class Args:
     """samples per class for accuracy, FID and IS"""
     sampler: str = "ddim"
     """ddim | ddpm | em"""
-    steps: int = 50
+    sample_steps: int = 50
     """sampler steps (ddpm: strided as DDPMPipeline, 0 = all 1000)"""
-    guidance: float = 1.0
-    """classifier-free guidance scale (1 = plain conditional)"""
-    nll_n: int = 100
-    """held-out real images (and as many noise images) for the NLL"""
+    n_nll: int = 16
+    """with --forget: held-out images per group (forgotten / kept) for the class NLL figures"""
+    nll_real: int = 100
+    """held-out real images (and as many noise images) for the NLL of real data against noise"""
+    nll_tol: float = 1e-5
+    """rtol = atol of the probability-flow ODE (score_sde's 1e-5)"""
     data_root: str = "data"
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
+    amp: bool = False
+    """bf16 autocast of the sampler's network on CUDA"""
+    fid_features: str = "auto"
+    """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) | auto
+    (inception for cifar10 when installed, else the dataset classifier's features)"""
+    inception_weights: str = ""
+    """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
     seed: int = 0
     """sampling seed"""
 
 
-def parse_classes(s: str, info: C.DataInfo, what: str = "class") -> list:
-    try:
-        cs = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise C.UsageError(f"{what} list {s!r} must be comma-separated integers, e.g. 0,3") from None
-    return [C.check_class(info, c, what) for c in cs]
-
-
 def main(args: Args):
     info = C.data_info(args.dataset)
-    forget = parse_classes(args.forget, info, "forget class")
+    forget = C.parse_classes(args.forget, info, "forget class")
     dev = C.pick_device(args.device)
     t0 = time.time()
     if args.ckpt:   # checked first: a bad checkpoint must fail before anything is trained or written
         model = C.load_checkpoint(args.ckpt, args.dataset, dev)[0]
     else:
         model = C.load_base(args.dataset, dev, root=args.data_root)
-    clf = load_classifier(args.dataset, args.data_root, dev)
+    clf = load_judge(args, dev)
     x_real, _ = C.load_data(args.dataset, args.data_root, "train")
     x_test, _ = C.load_data(args.dataset, args.data_root, "test")
-    m, x, c = evaluate_model(model, clf, forget, args.n_per_class, args.sampler, args.steps, args.guidance,
-                             args.seed, args.data_root)
-    m["sample_acc"] = (predict(clf, x) == c).float().mean().item()
+    m, s = evaluate_model(model, clf, args, forget, args.sampler, nll=bool(forget))
+    m["sample_acc"] = (predict(clf, s["x"]) == s["c"]).float().mean().item()
     m["classifier_test_acc"] = clf.test_acc
     m["fid_real_test"] = fid(clf, x_test, x_real)   # the floor: held-out real images vs the training set
-    n = min(args.nll_n, len(x_test))
-    m["nll_real_bpd"] = float(model_nll(model, x_test[:n]).mean())
-    m["nll_noise_bpd"] = float(model_nll(model, noise_images(info, n, args.seed)).mean())
+    n = min(args.nll_real, len(x_test))
+    tol = dict(rtol=args.nll_tol, atol=args.nll_tol)
+    m["nll_real_bpd"] = float(model_nll(model, x_test[:n], **tol).mean())
+    m["nll_noise_bpd"] = float(model_nll(model, noise_images(info, n, args.seed), **tol).mean())
     m["seconds"] = time.time() - t0
     acc = {info.class_names[k]: {"accuracy": a} for k, a in enumerate(m["class_acc"])}
-    print(f"\nclass-conditional samples ({args.n_per_class} per class, {args.sampler} {args.steps} steps):")
+    print(f"\nclass-conditional samples ({args.n_per_class} per class, {s['sampler']}):")
     print(table(acc, ["accuracy"]))
     print()
     print(table({"model": m}, ["classifier_test_acc", "sample_acc", "retain_acc", "forget_rate", "fid_retain",
@@ -387,55 +527,63 @@ def main(args: Args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# COMPARISON: the five methods on one scenario, judged by one evaluation (issue 8)
+# COMPARISON: the five methods on one scenario, each run as a program, every samples.pt judged alike
 # ----------------------------------------------------------------------------------------------------------
 #
-# `python eval.py compare` forgets one class (default 0) with each method, each through its own file's main()
-# with compare-specific Args, then loads every resulting model and judges all of them with compare_evaluate:
-# the same samples per class, sampler, classifier, FID reference and NLL images. Method runs write into a
-# workspace, runs/compare-<dataset>[-<budget>]/, that holds copies of the cached base model and classifier:
-# the methods' own caches (SISS's and MSGM's base evaluations, bilevel pruning's CP reference) then stay
-# inside it and the user's default runs are never read or overwritten. The gold standard, the base recipe
-# trained without the class, is cached there too: base-<dataset>-no<class>-<steps>-s<seed>/. A finished run
-# and its evaluation are found again by a later call (records/), so an interrupted comparison resumes.
+# `python eval.py compare` forgets one class (default 0) with each method by running its file as a user would
+# (`python siss.py --forget 0 --seed 1 ...`, the way CleanRL's benchmark utility runs its scripts), then judges
+# every samples.pt the runs left with judge() and reads the figures that need the model (NLL, unlearning
+# seconds, parameters, network evaluations per image) from each run's metrics.json. The runs write into a
+# workspace, runs/compare-<dataset>[-<budget>]/, that holds copies of the cached base model and classifier
+# (the children get UNLEARN_RUNS pointing there): their caches stay inside it and the user's own runs are never
+# read or overwritten. The gold standard, the base recipe trained without the class, is `python common.py
+# --drop-classes <class>`. A finished run is found again by a later call (records/), so an interrupted
+# comparison resumes.
 
 MODELS = ("base", "retrain", "sfd", "srs_me", "siss", "bilevel_prune", "msgm")
 LABELS = {"base": "base (all data)", "retrain": "retrain w/o class", "sfd": "SFD (1 step)", "srs_me": "SRS-ME",
           "siss": "SISS", "bilevel_prune": "bilevel prune", "msgm": "Obtuse-MSGM"}
 
-# Each budget: every method's Args overrides, the retrain's steps, and the shared evaluation's settings.
+# Each budget: every row's command-line flags (beyond dataset, seed, tag, forget class and the evaluation's
+# sizes, which compare passes to all), and the evaluation's settings.
 COMPARE_BUDGETS = {
-    # 2-core CPU. Lengths are cut from the method defaults (measured costs in the README) to keep three seeds
-    # within 60 minutes; each still removes the class on its own (one-seed calibration, README).
+    # 2-core CPU, three seeds within about 35 minutes; each method still removes the class on its own.
     ("digits", "full"): dict(
-        retrain=1400,                  # the base recipe (700 steps, tried first, left an undertrained gold
-                                       # standard: retain acc 0.80, FID 20 against the base's 0.92, 7.5)
-        sfd=dict(iters=150),           # default 300; the default run's curve reaches forget rate 0 at 150
-        srs_me={},                     # the file's defaults: its momentum rule stops the shift (about 70 steps)
-        siss=dict(steps=150, lr=1e-4),  # default at most 300, stopping at the deletion step (here it cannot)
-        bilevel_prune={},              # the defaults (keep 0.55, 1100 steps): 600 steps left retain acc 0.71
-                                       # (FID 105), keep 0.8 and 600 steps 0.83 (FID 29); the base has 0.92 (7.5)
-        msgm=dict(steps=300),          # default 500 fine-tuning steps
+        retrain=dict(steps=1400),              # the base recipe (700 steps left an undertrained reference)
+        sfd=dict(iters=150),                   # default 300; its curve reaches forget rate 0 at 150
+        srs_me={},                             # the file's defaults: its stop rule ends the shift
+        siss=dict(steps=150, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20),   # every image
+                                               # of the class, a fixed budget, no copy monitoring
+        bilevel_prune={},                      # the defaults (keep 0.55); 600 steps left retain acc 0.71
+        msgm=dict(finetune=True, task="norm", steps=300),   # Obtuse-MSGM fine-tuned from the base
         eval=dict(n_per_class=50, sample_steps=50, n_uncond=500, n_nll=12, nll_tol=1e-4)),
     # CI: one seed on the 700-step test base; the short-run settings the methods' own tests calibrated
     ("digits", "ci"): dict(
-        retrain=10,                    # exercises the path only: 10 steps make no usable model
-        sfd=dict(iters=50, batch_size=16, lr_g=5e-4, lr_fake=5e-4, ema=0.5),   # 40 iterations: forget rate 0.4
-        srs_me=dict(max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32, eval_steps=20),
-        siss=dict(steps=30, batch_size=32, lr=2e-4),
+        retrain=dict(steps=10),                # exercises the path only: 10 steps make no usable model
+        sfd=dict(iters=50, batch_size=16, lr_g=5e-4, lr_fake=5e-4, ema=0.5),
+        srs_me=dict(max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32),
+        siss=dict(steps=30, batch_size=32, lr=2e-4, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20),
         bilevel_prune=dict(keep=0.8, steps=60, batch_size=32, upper_every=2, lr_up_mult=1.0, warmup=10),
-        msgm=dict(steps=40, batch_size=32, forget_weight=0.5, forget_every=1, ema=0.5),
+        msgm=dict(finetune=True, task="norm", steps=40, batch_size=32, forget_weight=0.5, forget_every=1,
+                  ema=0.5),
         eval=dict(n_per_class=20, sample_steps=10, n_uncond=300, n_nll=2, nll_tol=1e-3)),
     # 32x32 data on a GPU: NOT MEASURED yet, first guesses scaled from the digits budget
     ("32px", "full"): dict(
-        retrain=20_000,
+        retrain=dict(steps=20_000),
         sfd=dict(iters=2000, lr_g=1e-4, lr_fake=1e-4, ema=0.99),
         srs_me={},
-        siss={},                       # the paper's MNIST 900 steps
+        siss=dict(stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=100),
         bilevel_prune=dict(steps=5000, lr=1e-4),
-        msgm=dict(steps=2000),
+        msgm=dict(finetune=True, task="norm", steps=2000),
         eval=dict(n_per_class=100, sample_steps=50, n_uncond=1000, n_nll=50, nll_tol=1e-5)),
 }
+
+COMPARE_COLS = [  # (metric, header, format)
+    ("forget_rate", "forget rate", "{:.2f}"), ("forget_rate_uncond", "share of class in uncond. samples", "{:.3f}"),
+    ("retain_acc", "retain acc", "{:.3f}"), ("fid_retain", "FID kept", "{:.2f}"),
+    ("nll_forget_bpd", "NLL forget (bpd)", "{:.3f}"), ("nll_forget_null_bpd", "NLL forget, null token", "{:.3f}"),
+    ("nll_kept_bpd", "NLL kept", "{:.3f}"), ("seconds", "unlearning s", "{:.0f}"), ("nfe", "NFE / image", "{:.0f}"),
+    ("params_m", "parameters (M)", "{:.3f}")]
 
 
 @dataclass
@@ -451,152 +599,57 @@ class CompareArgs:
     models: str = ",".join(MODELS)
     """rows of the table, a subset of the default"""
     rerun: bool = False
-    """run the methods and evaluations again even if this budget's workspace holds finished ones"""
+    """run the methods again even if this budget's workspace holds finished runs with the same arguments"""
     data_root: str = "data"
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
+    fid_features: str = "auto"
+    """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) | auto
+    (inception for cifar10 when installed, else the dataset classifier's features)"""
+    inception_weights: str = ""
+    """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
     readme: str = ""
     """also paste the report into this markdown file, between the lines <!-- compare-DATASET:begin --> and
     <!-- compare-DATASET:end --> (how README.md's table is regenerated rather than typed)"""
 
 
-def _method_run(name, a: CompareArgs, seed: int, b: dict, dev):
-    """One row of the comparison for one seed: (run, args, load, seconds). run() trains it through its file's
-    main() (the retrain: common.pretrain) and returns that call's result; args identify the run for the cache;
-    load() gives the model to judge; seconds(result) is the unlearning time the method reports. The method's
-    own evaluation is kept small: the figures that count come from compare_evaluate."""
-    info, tag, f = C.data_info(a.dataset), f"s{seed}", a.forget
-    if name == "retrain":   # the gold standard: the base recipe (shortened) on the data without the class
-        steps = b["retrain"]
-        run = lambda: C.pretrain(a.dataset, f"no{f}-{steps}-s{seed}", steps=steps, seed=seed, device=dev,
-                                 root=a.data_root, drop_classes=(f,))
-        return (run, dict(steps=steps, seed=seed, drop_classes=[f]),
-                lambda: dict(model=C.load_checkpoint(run(), a.dataset, dev)[0], uncond=True),
-                lambda path: torch.load(path, weights_only=False)["seconds"])
-    kw = dict(dataset=a.dataset, device=a.device, seed=seed, tag=tag, **b[name])
-    folder = C.run_dir(name, a.dataset, tag)
-    load = lambda: dict(model=C.load_checkpoint(folder / "model.pt", a.dataset, dev)[0])
-    secs = lambda m: m["seconds"]
-    if name == "sfd":
-        import sfd as M
-        args = M.Args(forget=str(f), override=(f + 1) % info.num_classes, n_per_class=10, eval_steps=10,
-                      log_every=10 ** 9, data_root=a.data_root, **kw)
-
-        def load():   # the one-step generator: one network evaluation per image, and no likelihood
-            gen, ck = C.load_checkpoint(folder / "model.pt", a.dataset, dev)
-            g_args = M.Args(t_init=ck["t_init"])
-            return dict(model=gen, nfe=1, nll=False, draw=lambda c, s: M.sample_generator(gen, c, g_args, C.VP(), s))
-    elif name == "srs_me":
-        import srs_me as M
-        # erase only the class, with the file's default erasable set (0-5, plus the class): the class's shift
-        # protects the others, as in the paper's scenes; --retrain, so that its seconds are always measured
-        erasable = ",".join(map(str, sorted(set(range(6)) | {f})))
-        args = M.Args(erase=str(f), erasable=erasable, retrain=True, n_per_class=10, **kw)
-        secs = lambda m: m["train"]["seconds"] + m["train"]["data_seconds"]   # with drawing its training images
-
-        def load():   # the base plus the class's weight shift
-            shift = torch.load(folder / "shifts" / f"concept_{f}.pt", weights_only=False)["shift"]
-            return dict(model=M.combine(C.load_base(a.dataset, dev, root=a.data_root), {f: shift}, [f]))
-    elif name == "siss":
-        import siss as M
-        # every training image of the class, for a fixed budget (no stop at the first zero-copy check)
-        args = M.Args(forget_class=f, stop_at_zero=False, eval_every=10 ** 9, n_monitor=20, monitor_steps=10,
-                      n_eval=20, n_per_class=10, n_nll=2, nll_tol=1e-3, sample_steps=10, data_root=a.data_root,
-                      **kw)
-    elif name == "bilevel_prune":
-        import bilevel_prune as M
-        args = M.Args(forget=f, n_per_class=10, sample_steps=10, data_root=a.data_root, **kw)
-        load = lambda: dict(model=M.load_student(folder / "model.pt", dev))   # physically smaller
-    else:
-        import msgm as M
-        # Obtuse-MSGM fine-tuned from the base (the variant its README measured); an unconditional model
-        args = M.Args(forget=str(f), task="norm", n_samples=60, sample_steps=10, nll_n=2, nll_tol=1e-3,
-                      data_root=a.data_root, **kw)
-        load = lambda: dict(model=C.load_checkpoint(folder / "model.pt", a.dataset, dev)[0], conditional=False)
-    return lambda: M.main(args), dataclasses.asdict(args), load, secs
+def flags(d: dict) -> list:
+    """{"steps": 150, "stop_at_zero": False} -> ["--steps", "150", "--no-stop-at-zero"]."""
+    out = []
+    for k, v in d.items():
+        k = k.replace("_", "-")
+        out += ([f"--{k}"] if v else [f"--no-{k}"]) if isinstance(v, bool) else [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
+    return out
 
 
-@torch.no_grad()
-def _first_per_class(x, pred, K: int, g: int):
-    """Grid cells of an unconditional model: the first g samples assigned to each class, blank (grey) if fewer."""
-    cells = torch.zeros(K, g, *x.shape[1:])
-    for k in range(K):
-        got = x[pred == k][:g]
-        cells[k, :len(got)] = got
-    return cells.flatten(0, 1)
+def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[list, Path]:
+    """The command line of one row for one seed, and the run folder it writes inside the workspace ws."""
+    e, f, ds = b["eval"], a.forget, a.dataset
+    common = dict(dataset=ds, seed=seed, device=a.device, data_root=a.data_root, sample_steps=e["sample_steps"])
+    if name in ("base", "retrain"):
+        tag = "" if name == "base" else f"no{f}-s{seed}"
+        extra = {} if name == "base" else dict(drop_classes=str(f), tag=tag, **b["retrain"])
+        argv = ["common.py", *flags(dict(common, n_per_class=e["n_per_class"], n_uncond=e["n_uncond"], **extra))]
+        return argv, ws / C.run_dir("base", ds, tag).relative_to(C.RUNS)
+    forget = dict(erase=str(f), erasable=",".join(map(str, sorted(set(range(6)) | {f})))) if name == "srs_me" \
+        else dict(forget=str(f))
+    n = dict(n_samples=e["n_uncond"]) if name == "msgm" else dict(n_per_class=e["n_per_class"])
+    argv = [f"{name}.py", *flags(dict(common, tag=f"s{seed}", n_nll=e["n_nll"], nll_tol=e["nll_tol"], **n, **forget,
+                                      **b[name]))]
+    return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)
 
 
-def compare_evaluate(entry: dict, clf, data, e: dict, forget: int, seed: int, g: int = 3):
-    """The one evaluation every model of the comparison gets. Returns (metrics, K * g grid cells).
-
-    Class-conditional models: e["n_per_class"] samples per class (DDIM, e["sample_steps"], or the model's own
-    draw), forget rate and retain accuracy as in sample_metrics, FID of kept classes against the real training
-    images of those classes. The unconditional model (MSGM; entry conditional=False) and the two references
-    (base, retrain; entry uncond=True) also get e["n_uncond"] null-token samples: forget_rate_uncond is the
-    share classified as the class, and for MSGM it is the forget rate. NLL (bits/dim, one probability-flow
-    ODE solve for all groups) of the first e["n_nll"] held-out images of the class and of the other classes,
-    under their class token, and of the class's images under the null token; MSGM: the null token only."""
-    model, null = entry["model"], entry["model"].tok["null"]
-    K, dev = model.info.num_classes, next(entry["model"].parameters()).device
-    x_real, y_real, x_test, y_test = data
-    draw = entry.get("draw") or (lambda c, s: C.sample(model, C.VP(), c.to(dev), "ddim", e["sample_steps"], seed=s))
-    conditional = entry.get("conditional", True)
-    m = {"nfe": entry.get("nfe", e["sample_steps"]), "params": C.n_params(model), "params_m": C.n_params(model) / 1e6,
-         "nll_forget_bpd": None, "nll_kept_bpd": None, "nll_forget_null_bpd": None}
-    if conditional:
-        c = C.class_tokens(K, e["n_per_class"])
-        x = draw(c, seed)
-        m.update({k: v for k, v in sample_metrics(clf, x, c, x_real, y_real, [forget]).items()
-                  if k in ("forget_rate", "retain_acc", "fid_retain", "class_acc")})
-        cells = x.view(K, e["n_per_class"], *x.shape[1:])[:, :g].flatten(0, 1)
-    if entry.get("uncond") or not conditional:
-        xu = draw(torch.full((e["n_uncond"],), null), seed)
-        s = sample_metrics(clf, xu, None, x_real, y_real, [forget])
-        m["forget_rate_uncond"] = s["forget_rate"]
-        if not conditional:
-            # no asked-for class: retain accuracy is the classifier's mean confidence on the samples it assigns
-            # to a kept class (msgm.py's definition)
-            p = F.softmax(_batched(clf, xu), 1)
-            kept = p.argmax(1) != forget
-            m.update(forget_rate=s["forget_rate"], fid_retain=s["fid_retain"],
-                     retain_acc=p[kept].max(1).values.mean().item() if kept.any() else None)
-            cells = _first_per_class(xu, p.argmax(1), K, g)
-    if entry.get("nll", True):
-        xf, xk = x_test[y_test == forget][:e["n_nll"]], x_test[y_test != forget][:e["n_nll"]]
-        yk = y_test[y_test != forget][:e["n_nll"]]
-        full = lambda n, v: torch.full((n,), v, dtype=torch.long)
-        xs, cs = (torch.cat([xf, xk, xf]), torch.cat([full(len(xf), forget), yk, full(len(xf), null)])) \
-            if conditional else (torch.cat([xf, xk]), full(len(xf) + len(xk), null))
-        bpd = model_nll(model, xs, cs, rtol=e["nll_tol"], atol=e["nll_tol"])
-        nf, nk = len(xf), len(xk)
-        m.update(nll_forget_bpd=float(bpd[:nf].mean()), nll_kept_bpd=float(bpd[nf:nf + nk].mean()),
-                 nll_forget_null_bpd=float(bpd[nf + nk:].mean() if conditional else bpd[:nf].mean()))
-    return m, cells
-
-
-def _copy_if_changed(src: Path, dst: Path):
-    if not dst.exists() or (dst.stat().st_size, dst.stat().st_mtime_ns) != (src.stat().st_size, src.stat().st_mtime_ns):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-
-
-@contextmanager
-def _runs_in(folder: Path):
-    """Point every run folder (common.run_dir, base_path, the classifier cache) into `folder` for a while."""
-    old, C.RUNS = C.RUNS, folder
-    try:
-        yield
-    finally:
-        C.RUNS = old
-
-
-COMPARE_COLS = [  # (metric, header, format)
-    ("forget_rate", "forget rate", "{:.2f}"), ("forget_rate_uncond", "share of class in uncond. samples", "{:.3f}"),
-    ("retain_acc", "retain acc", "{:.3f}"), ("fid_retain", "FID kept", "{:.2f}"),
-    ("nll_forget_bpd", "NLL forget (bpd)", "{:.3f}"), ("nll_forget_null_bpd", "NLL forget, null token", "{:.3f}"),
-    ("nll_kept_bpd", "NLL kept", "{:.3f}"), ("seconds", "unlearning s", "{:.0f}"), ("nfe", "NFE / image", "{:.0f}"),
-    ("params_m", "parameters (M)", "{:.3f}")]
+def run_program(argv: list, ws: Path, log: Path) -> dict:
+    """Run `python <argv>` with its runs/ in the workspace, output to a log file; wall and CPU seconds."""
+    w0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "w") as out:
+        p = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parent, stdout=out,
+                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve())})
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode:
+        raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {p.returncode}); its output is in {log}")
+    return {"run_wall_s": time.time() - w0, "run_cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)}
 
 
 def _summarise(per_seed: dict) -> dict:
@@ -609,7 +662,7 @@ def _summarise(per_seed: dict) -> dict:
     return out
 
 
-def _results_md(summary: dict, settings: dict, text_grid: str, figure: str = "grid.png") -> str:
+def _results_md(summary: dict, settings: dict, figure: str = "grid.png") -> str:
     cell = lambda s, f: "n/a" if s is None else \
         f.format(s["mean"]) + (f" ± {f.format(s['std'])}" if s["std"] is not None else "")
     head = ["model", *[h for _, h, _ in COMPARE_COLS]]
@@ -618,46 +671,26 @@ def _results_md(summary: dict, settings: dict, text_grid: str, figure: str = "gr
     st, e = settings, settings["eval"]
     return "\n".join([
         f"Forget class {st['forget']} on {st['dataset']}, budget `{st['budget']}`, seeds {st['seeds']} "
-        f"(mean ± std over seeds; the base is one model, evaluated once). Command: `{st['command']}`.", "",
+        f"(mean ± std over seeds; the base is one model, evaluated once).", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows], "",
-        f"- Every model is judged by the same evaluation: {e['n_per_class']} samples per class (DDIM "
-        f"{e['sample_steps']} steps; SFD its one-step generator), the dataset classifier (held-out accuracy "
-        f"{st['classifier_test_acc']:.3f}), FID of the kept classes' samples against their real training images "
-        f"(classifier features). Forget rate: share of samples asked for class {st['forget']} that are classified "
-        f"as it; retain acc: the same for the kept classes.",
+        f"- Every row is judged by the same function on the samples its run drew: {e['n_per_class']} per class "
+        f"(DDIM {e['sample_steps']} steps; SFD its one-step generator), the dataset classifier (held-out "
+        f"accuracy {st['classifier_test_acc']:.3f}), FID of the kept classes' samples against their real "
+        f"training images (classifier features). Forget rate: share of samples asked for class {st['forget']} "
+        f"that are classified as it; retain acc: the same for the kept classes.",
         f"- † MSGM trains an unconditional model: its forget rate is the share of {e['n_uncond']} unconditional "
-        f"(null-token) samples classified as class {st['forget']} (compare with the base's figure in the next "
-        f"column), its retain acc the classifier's mean confidence on the samples it assigns to kept classes, "
-        f"and its NLLs are under the null token.",
+        f"samples classified as class {st['forget']} (the base's and the retrain's in the next column), its "
+        f"retain acc the classifier's mean confidence on the samples it assigns to kept classes, and its NLLs "
+        f"are under the null token.",
         f"- NLL: bits/dim through the probability-flow ODE (RK45, rtol = atol = {e['nll_tol']:g}) of "
         f"{e['n_nll']} held-out images of the class and {e['n_nll']} of the other classes, under their class "
-        f"token, and of the class's images under the null token. SFD: n/a, since a one-step generator pushes "
-        f"noise through one network call and has no score over time to integrate, so no likelihood.",
-        f"- Unlearning s: wall-clock seconds of each method's unlearning phase as the method reports it "
-        f"(SRS-ME: with drawing its training images; retrain: {st['retrain_steps']} training steps of the base "
-        f"recipe on the data without the class). Cost of the table: {st['runs_wall_s'] / 60:.1f} min wall-clock, "
-        f"{st['runs_cpu_s'] / 60:.1f} CPU-min on {st['device']} (every run and evaluation, the cached base and "
-        f"classifier excepted; per run in results.json).",
-        f"- Method settings: {st['methods']}.", "",
-        f"![one row per model, samples per class, the forgotten class framed]({figure})", "",
-        f"The first sample of each class, as text (class {st['forget']} between bars):", "",
-        "```text", text_grid, "```", ""])
-
-
-def _text_grid(cells: dict, K: int, g: int, forget: int, ramp: str = " .:-=+*#%@") -> str:
-    """The figure as text, for a README that shows it without a binary file: per model the first sample of
-    each class, one grey level per character pair (two characters per pixel keep the aspect), the
-    forgotten class between bars. Readable for 8x8 images; larger ones are block-averaged to 8x8."""
-    bar = lambda k, p: f"|{p}|" if k == forget else f" {p} "
-    lines = ["  " + "".join(bar(k, f"{k:^16}") for k in range(K))]
-    for name, x in cells.items():
-        x = F.adaptive_avg_pool2d(x[::g].float().mean(1, keepdim=True), 8)[:, 0]   # K first samples, 8x8 grey
-        level = ((x + 1) / 2 * len(ramp)).long().clamp(0, len(ramp) - 1)
-        lines.append(LABELS[name])
-        for r in range(8):
-            px = ["".join(ramp[v] * 2 for v in level[k, r].tolist()) for k in range(K)]
-            lines.append("  " + "".join(bar(k, p) for k, p in enumerate(px)))
-    return "\n".join(lines)
+        f"token, and of the class's images under the null token. SFD: n/a (a one-step generator has no score "
+        f"over time to integrate).",
+        f"- Unlearning s: wall-clock seconds of each method's unlearning phase as its run reports it (retrain: "
+        f"{st['retrain_steps']} steps of the base recipe without the class). Cost of the table: "
+        f"{st['runs_wall_s'] / 60:.1f} min wall-clock, {st['runs_cpu_s'] / 60:.1f} CPU-min on {st['device']}.",
+        f"- Commands (seed 0): {st['commands']}.", "",
+        f"![one row per model, three samples per class, the forgotten class framed]({figure})", ""])
 
 
 def _markers(path: Path, dataset: str) -> tuple[str, str]:
@@ -669,6 +702,19 @@ def _markers(path: Path, dataset: str) -> tuple[str, str]:
         raise C.UsageError(f"--readme {path}: needs one line {begin.strip()} and, after it, one line {end}")
     head, rest = doc.split(begin)
     return head + begin, end + rest.split(end)[1]
+
+
+def _cells(s: dict, clf, K: int, g: int) -> torch.Tensor:
+    """g samples per class for the figure: the first drawn for each class, or for an unconditional model the
+    first the classifier assigns to each class (grey where it drew fewer)."""
+    x, c = s["x"], s["c"]
+    if not (c < K).any():
+        x, c = x, predict(clf, x)
+    cells = torch.zeros(K, g, *x.shape[1:])
+    for k in range(K):
+        got = x[c == k][:g]
+        cells[k, :len(got)] = got
+    return cells.flatten(0, 1)
 
 
 def _grid(cells: dict, path: Path, K: int, g: int, forget: int):
@@ -711,99 +757,74 @@ def compare(a: CompareArgs) -> dict:
 
     # the cached base and classifier (trained first if absent), copied into the workspace
     base_src = C.pretrain(a.dataset, device=dev, root=a.data_root)
-    clf = load_classifier(a.dataset, a.data_root, dev)
-    base = ws / base_src.relative_to(C.RUNS)
-    _copy_if_changed(base_src, base)
-    _copy_if_changed(C.RUNS / f"classifier-{a.dataset}" / "model.pt", ws / f"classifier-{a.dataset}" / "model.pt")
-    data = (*C.load_data(a.dataset, a.data_root, "train"), *C.load_data(a.dataset, a.data_root, "test"))
-    records = ws / "records"
-    records.mkdir(parents=True, exist_ok=True)
+    clf = load_judge(a, dev)
+    for src in (base_src, C.RUNS / f"classifier-{a.dataset}" / "model.pt"):
+        dst = ws / src.relative_to(C.RUNS)
+        if not dst.exists() or C.file_id(dst) != C.file_id(src):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    x_real, y_real = C.load_data(a.dataset, a.data_root, "train")
+    x_test, y_test = C.load_data(a.dataset, a.data_root, "test")
+    (ws / "records").mkdir(parents=True, exist_ok=True)
     jobs = [(n, s) for s in seeds for n in models if n != "base" or s == seeds[0]]   # one base, judged once
-    per_seed, cells = {n: {} for n in models}, {}
+    per_seed, cells, commands = {n: {} for n in models}, {}, {}
     print(f"compare on {a.dataset}: forget {a.forget}, budget {a.budget}, seeds {seeds}, {len(jobs)} runs in {ws}")
     for i, (name, seed) in enumerate(jobs):
-        tag, rec = f"[{i + 1}/{len(jobs)}] {name} seed {seed}", {}
-        with _runs_in(ws):
-            if name == "base":
-                entry, ident = dict(model=C.load_checkpoint(base, a.dataset, dev)[0], uncond=True), base
-            else:   # train (or find this budget's finished run), then load what it left
-                run, args, load, secs = _method_run(name, a, seed, b, dev)
-                want, ident = json.loads(json.dumps(args)), records / f"{name}-s{seed}.json"
-                rec = json.loads(ident.read_text()) if ident.exists() and not a.rerun else {}
-                if rec.get("args") != want:
-                    print(f"{tag}: training (budget {a.budget}) ...", flush=True)
-                    w0, c0 = time.time(), time.process_time()
-                    out = run()
-                    rec = dict(args=want, seconds=secs(out), run_wall_s=time.time() - w0,
-                               run_cpu_s=time.process_time() - c0)
-                    ident.write_text(json.dumps(rec) + "\n")
-                entry = load()
-        # the shared evaluation, cached under its settings and the identity of what it judges
-        epath = records / f"{name}-s{seed}-eval.pt"
-        ekey = json.dumps([b["eval"], a.forget, seed, str(ident), ident.stat().st_mtime_ns])
-        cached = torch.load(epath, weights_only=False) if epath.exists() and not a.rerun else {}
-        if cached.get("key") != ekey:
-            print(f"{tag}: evaluating ...", flush=True)
-            w0, c0 = time.time(), time.process_time()
-            m, grid_cells = compare_evaluate(entry, clf, data, b["eval"], a.forget, seed)
-            m.update(eval_wall_s=time.time() - w0, eval_cpu_s=time.process_time() - c0)
-            cached = {"key": ekey, "metrics": m, "cells": grid_cells}
-            torch.save(cached, epath)
-        m = dict(cached["metrics"], **{k: v for k, v in rec.items() if k != "args"})
+        argv, folder = command(name, a, seed, b, ws)
+        commands.setdefault(name, "python " + " ".join(argv))
+        rec_path, tag = ws / "records" / f"{name}-s{seed}.json", f"[{i + 1}/{len(jobs)}] {name} seed {seed}"
+        rec = json.loads(rec_path.read_text()) if rec_path.exists() and not a.rerun else {}
+        if rec.get("argv") != argv or not (folder / "samples.pt").exists():
+            print(f"{tag}: python {' '.join(argv)}", flush=True)
+            rec = dict(argv=argv, **run_program(argv, ws, ws / "records" / f"{name}-s{seed}.log"))
+            rec_path.write_text(json.dumps(rec) + "\n")
+        s = load_samples(folder / "samples.pt")
+        m = judge(s, clf, x_real, y_real, [a.forget])
+        ran = json.loads((folder / "metrics.json").read_text())
+        if name in ("base", "retrain"):   # models of common.py, which reports no NLL: computed here, cached
+            path = folder / "model.pt"
+            key = dict(model=C.file_id(path), forget=a.forget, n=b["eval"]["n_nll"], tol=b["eval"]["nll_tol"])
+            ran.update(C.cached(folder / f"nll-{a.forget}.pt", key, lambda: class_nll(
+                C.load_checkpoint(path, a.dataset, dev)[0], x_test, y_test, [a.forget], key["n"], key["tol"])))
+            ran["seconds"] = ran["seconds"] if name == "retrain" else None
+        m.update({k: ran.get(k) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd", "seconds",
+                                           "params")})
+        m.update(nfe=ran.get("nfe", s["nfe"]), params_m=(ran.get("params") or 0) / 1e6 or None,
+                 run_wall_s=rec["run_wall_s"], run_cpu_s=rec["run_cpu_s"])
         per_seed[name][seed] = m
-        cells.setdefault(name, cached["cells"])
+        cells.setdefault(name, _cells(s, clf, info.num_classes, 3))
         print(f"{tag}: " + "  ".join(f"{k} {fmt(m.get(k))}" for k in (
             "forget_rate", "forget_rate_uncond", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd",
-            "seconds", "run_wall_s", "run_cpu_s", "eval_wall_s", "eval_cpu_s")), flush=True)
+            "seconds", "run_wall_s", "run_cpu_s")), flush=True)
 
     summary = {n: _summarise(per_seed[n]) for n in models}
-    total = lambda k: sum(r.get(f"run_{k}", 0) + r.get(f"eval_{k}", 0) for n in models for r in per_seed[n].values())
-    flag = lambda k, v: f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+    total = lambda k: sum(r[f"run_{k}"] for n in models for r in per_seed[n].values())
     threads = torch.get_num_threads()
     settings = dict(
-        dataset=a.dataset, forget=a.forget, budget=a.budget, seeds=seeds, eval=b["eval"], retrain_steps=b["retrain"],
-        methods="; ".join(f"{n} " + (" ".join(flag(k, v) for k, v in b[n].items()) or "defaults")
-                          for n in models if n not in ("base", "retrain")),
-        classifier_test_acc=clf.test_acc, device=f"{dev} ({threads} thread{'s' * (threads > 1)})",
-        runs_wall_s=total("wall_s"), runs_cpu_s=total("cpu_s"), wall_s=time.time() - t0,
+        dataset=a.dataset, forget=a.forget, budget=a.budget, seeds=seeds, eval=b["eval"],
+        retrain_steps=b["retrain"]["steps"], classifier_test_acc=clf.test_acc,
+        device=f"{dev} ({threads} thread{'s' * (threads > 1)})", runs_wall_s=total("wall_s"),
+        runs_cpu_s=total("cpu_s"), wall_s=time.time() - t0,
+        commands="; ".join(f"`{c}`" for c in commands.values()),
         command=f"python eval.py compare --dataset {a.dataset} --seeds {a.seeds} --budget {a.budget}"
-                + (f" --forget {a.forget}" if a.forget else "")
-                + (f" --device {a.device}" if a.device != "auto" else ""))
+                + (f" --forget {a.forget}" if a.forget else "") + (f" --device {a.device}" if a.device != "auto" else ""))
     results = {"settings": settings, "summary": summary, "per_seed": per_seed}
     (ws / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text_grid = _text_grid(cells, info.num_classes, 3, a.forget)
-    (ws / "results.md").write_text(_results_md(summary, settings, text_grid))
+    (ws / "results.md").write_text(_results_md(summary, settings))
     if a.readme:   # the same report, its figure linked from where the markdown file lies
         figure = Path(os.path.relpath(ws / "grid.png", Path(a.readme).resolve().parent)).as_posix()
         head, tail = _markers(Path(a.readme), a.dataset)
-        Path(a.readme).write_text(head + _results_md(summary, settings, text_grid, figure) + tail)
+        Path(a.readme).write_text(head + _results_md(summary, settings, figure) + tail)
     _grid(cells, ws / "grid.png", info.num_classes, 3, a.forget)
     means = {LABELS[n]: {k: (s[k] or {}).get("mean") for k, _, _ in COMPARE_COLS} for n, s in summary.items()}
     print("\n" + table(means, [k for k, _, _ in COMPARE_COLS]))
-    print(f"\n{ws / 'results.md'}, results.json, grid.png; training and evaluation {settings['runs_wall_s'] / 60:.1f} "
-          f"min wall ({settings['runs_cpu_s'] / 60:.1f} CPU-min); this call {settings['wall_s'] / 60:.1f} min")
+    print(f"\n{ws / 'results.md'}, results.json, grid.png; runs {settings['runs_wall_s'] / 60:.1f} min wall "
+          f"({settings['runs_cpu_s'] / 60:.1f} CPU-min); this call {settings['wall_s'] / 60:.1f} min")
     return results
-
-
-def compare_cli(argv):
-    """`python eval.py compare ...`: argparse's own errors (an unknown option, a bad value) become one line too."""
-    try:
-        buf = io.StringIO()
-        try:
-            with redirect_stderr(buf):
-                a = C.parse_args(CompareArgs, argv)
-        except SystemExit as e:
-            if e.code == 0:   # --help
-                raise
-            raise C.UsageError(buf.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
-        return compare(a)
-    except C.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compare"]:
-        compare_cli(sys.argv[2:])
+        C.cli(compare, CompareArgs, sys.argv[2:])
     else:
         C.cli(main, Args)

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Before `common` is imported anywhere (also in subprocesses), so that nothing lands in the user's runs/.
 os.environ.setdefault("UNLEARN_RUNS", tempfile.mkdtemp(prefix="unlearn-tests-"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when several test runs share the cores
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 import common as C  # noqa: E402
 
@@ -43,3 +44,19 @@ def run_script(*argv, timeout=900):
     import subprocess
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def isolated(functions) -> dict:
+    """Compile the source of each function (in order) in a namespace that holds only torch and math, as a user
+    who copies a method's loss functions into their own project would: {name: the re-created function}."""
+    import inspect
+    import math
+    import textwrap
+    ns = {"torch": torch, "math": math}
+    for fn in functions:
+        exec(compile(textwrap.dedent(inspect.getsource(fn)), f"<copy of {fn.__name__}>", "exec"), ns)
+    return {fn.__name__: ns[fn.__name__] for fn in functions}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped where torch sees none)")

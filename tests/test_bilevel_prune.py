@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import isolated, run_script
 
 import bilevel_prune as B
 import common as C
+import eval as E
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,34 @@ def test_budget_is_met_within_five_percent(net, measure, keep):
 def test_block_outputs_keep_the_teachers_shapes(net):
     s = B.apply_plan(net, B.prune_plan(net, 0.55))
     x, t, c = _inputs(net.info)
-    with B.block_outputs(net) as ft, B.block_outputs(s) as fs:
-        net(x, t, c), s(x, t, c)
+    (eps_t, ft), (eps_s, fs) = B.with_blocks(net, x, t, c), B.with_blocks(s, x, t, c)
+    assert torch.equal(eps_t, net(x, t, c)) and torch.equal(eps_s, s(x, t, c))   # the hooks change nothing
     assert len(ft) == len(fs) == 5 and [f.shape for f in ft] == [f.shape for f in fs]
     assert C.n_params(s) < 0.6 * C.n_params(net)
+    assert not net.unet.mid_block._forward_hooks and not s.unet.mid_block._forward_hooks   # and are removed
+
+
+def test_losses_are_copy_paste_ready_and_exact(net):
+    """Each loss re-created from its source in a namespace holding only torch and math gives the same value; the
+    lower loss has its analytic value on constant tensors; the upper loss is the MSE to 2 T(null) - T(c*)."""
+    ns = isolated(B.LOSSES)
+    g = torch.Generator().manual_seed(1)
+    eps_s, eps_t, noise = (torch.randn(3, 1, 8, 8, generator=g) for _ in range(3))
+    fs, ft = ([torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 8, 2, 2, generator=g)] for _ in range(2))
+    for w in ((1.0, 2.0, 0.1), (0.3, 0.0, 5.0)):
+        args = (eps_s, eps_t, noise, fs, ft, *w)
+        assert torch.equal(ns["lower_loss"](*args), B.lower_loss(*args))
+    one, zero = torch.ones(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    # (1 - 0)^2 + 2 (1 - 3)^2 + 0.1 mean((2 - 0)^2, (1 - 1)^2) = 1 + 8 + 0.2
+    assert B.lower_loss(one, 3 * one, zero, [2 * one, one], [zero, one]).item() == pytest.approx(9.2)
+    x, t, _ = _inputs(net.info, 4)
+    c, null = torch.tensor([0, 3, 0, 7]), net.tok["null"]
+    s = B.apply_plan(net, B.prune_plan(net, 0.8))
+    for name, args in (("negative_guidance_target", (net, x, t, c, null, 0.5)),
+                       ("upper_loss", (s, net, x, t, c, null, 1.0))):
+        assert torch.equal(ns[name](*args), getattr(B, name)(*args)), name
+    ref = ((s(x, t, c) - (2 * net(x, t, torch.full_like(c, null)) - net(x, t, c))) ** 2).mean()
+    assert B.upper_loss(s, net, x, t, c, null, 1.0).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_levels_move_only_what_they_should(net):
@@ -94,7 +119,8 @@ def test_levels_move_only_what_they_should(net):
     s0 = {k: v.clone() for k, v in s.state_dict().items()}
     opt = torch.optim.AdamW(s.parameters(), lr=1e-3)
     x0 = C.load_data("digits")[0][:16]
-    loss = B.upper_loss(s, teacher, x0, torch.zeros(16, dtype=torch.long), C.VP(), eta=1.0)
+    x_t, t, _ = B.noised(x0, C.VP())
+    loss = B.upper_loss(s, teacher, x_t, t, torch.zeros(16, dtype=torch.long), teacher.tok["null"], eta=1.0)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -111,7 +137,7 @@ def test_negative_guidance_target_is_twice_null_minus_concept(net):
     x, t, _ = _inputs(net.info, 4)
     c = torch.zeros(4, dtype=torch.long)
     null = torch.full_like(c, net.tok["null"])
-    target = B.negative_guidance_target(net, x, t, c, eta=1.0)
+    target = B.negative_guidance_target(net, x, t, c, null[0].item(), eta=1.0)
     assert torch.allclose(target, 2 * net(x, t, null) - net(x, t, c), atol=1e-5)
 
 
@@ -119,15 +145,24 @@ def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digi
     """Same budget and seed; the distilled-only run is the CP reference of the bilevel one."""
     # A CI-sized budget: the upper step every 2nd iteration at the lower lr. With the default 5x upper lr this
     # short run erased the class but took retain accuracy to 0.58 (distill-only 0.87) on the CI base.
-    kw = dict(keep=0.8, steps=80, batch_size=32, upper_every=2, lr_up_mult=1.0, n_per_class=10, sample_steps=10, warmup=10)
-    ref = B.main(B.Args(schedule="distill-only", tag="ref-s0", **kw))
-    res = B.main(B.Args(schedule="bilevel", **kw))
+    kw = dict(keep=0.8, steps=80, batch_size=32, upper_every=2, lr_up_mult=1.0, n_per_class=10, sample_steps=10,
+              warmup=10, n_nll=2, nll_tol=1e-3)
+    ref = B.main(C.make_args(B.Args, schedule="distill-only", tag="ref-s0", **kw))
+    res = B.main(C.make_args(B.Args, schedule="bilevel", tag="bilevel-s0", **kw))
     assert ref["forget_rate"] >= 0.5 and res["forget_rate"] <= min(0.3, ref["forget_rate"] - 0.3)
     assert res["cp_score"] >= 0.7 and res["retain_acc"] >= ref["retain_acc"] - 0.15
     assert res["macs_ratio"] <= 0.8 and res["params_student"] < res["params_teacher"]
     out = C.run_dir("bilevel_prune", "digits", "bilevel-s0")
-    assert {"args.json", "model.pt", "samples.png", "metrics.json"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "metrics.json").read_text())["cp_reference"].endswith("ref-s0/metrics.json")
+    assert {"args.json", "model.pt", "samples.pt", "samples.png", "metrics.json"} <= {p.name for p in out.iterdir()}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["cp_reference"].endswith("ref-s0/metrics.json")
+    keys = ("forget_rate", "retain_acc", "fid_retain", "nfe", "params", "nll_forget_bpd", "nll_kept_bpd",
+            "nll_forget_null_bpd")
+    assert all(m[k] is not None and m["base_" + k] is not None for k in keys) and m["seconds"] > 0
+    assert m["params"] == res["params_student"] and m["base_params"] == C.n_params(digits_base[1]) and m["nfe"] == 10
+    s = E.load_samples(out / "samples.pt")   # the student's own samples: what the comparison judges
+    assert s["nfe"] == 10 and s["c"].tolist() == C.class_tokens(10, 10).tolist()
+    assert E.judge(s, digits_classifier, *C.load_data("digits"), [0])["forget_rate"] == res["forget_rate"]
     loaded = B.load_student(out / "model.pt")
     x, t, c = _inputs(loaded.info)
     s = B.apply_plan(digits_base[1], loaded.plan)

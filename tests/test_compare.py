@@ -1,6 +1,7 @@
 """eval.py compare: the five methods, the base and the retrain on "forget class 0" at the CI budget (one seed, the
-CI base). Every method lowers the base's forget rate on a countable number of samples, the table and the JSON
-have one row per model and one cell per column, and usage errors are one line before any work."""
+CI base), each run as a program. Every method lowers the base's forget rate on a countable number of samples,
+the rows carry what sets the methods apart, the table and the JSON have one row per model and one cell per
+column, a second call finds every run, and usage errors are one line before any work."""
 import json
 import math
 
@@ -12,6 +13,8 @@ from PIL import Image
 import common as C
 import eval as E
 
+CI = E.COMPARE_BUDGETS[("digits", "ci")]
+
 
 @pytest.fixture(scope="module")
 def ci_compare(digits_base, digits_classifier):
@@ -20,14 +23,13 @@ def ci_compare(digits_base, digits_classifier):
 
 def test_every_method_lowers_the_forget_rate_of_the_base(ci_compare):
     runs = {name: r[0] for name, r in ci_compare["per_seed"].items()}
-    n = E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["n_per_class"]   # samples asked for class 0 per model
+    n = CI["eval"]["n_per_class"]                                    # samples asked for class 0 per model
     base = runs["base"]
     assert base["forget_rate"] * n >= 0.8 * n                       # the CI base draws its zeros: 16 of 20 or more
     for name in ("sfd", "srs_me", "siss", "bilevel_prune"):          # class-conditional: at least 6 of 20 fewer
         assert runs[name]["forget_rate"] * n <= base["forget_rate"] * n - 6, (name, runs[name]["forget_rate"])
-    # MSGM is unconditional: its share of zeros among null-token samples against the base's on as many samples
-    n_u = E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["n_uncond"]
-    assert base["forget_rate_uncond"] * n_u >= 10                   # the base draws zeros unasked, too
+    # MSGM is unconditional: its share of zeros among its samples against the base's null-token share
+    assert base["forget_rate_uncond"] * CI["eval"]["n_uncond"] >= 10  # the base draws zeros unasked, too
     assert runs["msgm"]["forget_rate"] == runs["msgm"]["forget_rate_uncond"] <= base["forget_rate_uncond"] / 2
     for name, m in runs.items():
         assert 0 <= m["retain_acc"] <= 1 and math.isfinite(m["fid_retain"]), name
@@ -36,17 +38,22 @@ def test_every_method_lowers_the_forget_rate_of_the_base(ci_compare):
 def test_rows_carry_what_sets_the_methods_apart(ci_compare, runs_dir):
     runs = {name: r[0] for name, r in ci_compare["per_seed"].items()}
     assert runs["sfd"]["nfe"] == 1 and runs["sfd"]["nll_forget_bpd"] is None          # one step, no likelihood
-    assert all(runs[k]["nfe"] == E.COMPARE_BUDGETS[("digits", "ci")]["eval"]["sample_steps"]
-               for k in runs if k != "sfd")
+    assert all(runs[k]["nfe"] == CI["eval"]["sample_steps"] for k in runs if k != "sfd")
     assert runs["bilevel_prune"]["params"] < runs["base"]["params"] == runs["srs_me"]["params"]   # pruned
     for name in set(runs) - {"sfd"}:
         assert all(math.isfinite(runs[name][k]) for k in ("nll_forget_bpd", "nll_forget_null_bpd", "nll_kept_bpd"))
     for name in set(runs) - {"base"}:
         assert runs[name]["seconds"] > 0 and runs[name]["run_cpu_s"] > 0, name
-    # the gold standard never saw the class
+    # each row is a program's run folder with the result contract; the gold standard never saw the class
     ws = runs_dir / "compare-digits-ci"
-    ck = torch.load(ws / "base-digits-no0-10-s0" / "model.pt", weights_only=False)
+    for name in E.MODELS[2:]:
+        folder = ws / f"{name}-digits-s0"
+        assert {"args.json", "metrics.json", "samples.pt", "samples.png"} <= {p.name for p in folder.iterdir()}, name
+        assert json.loads((folder / "args.json").read_text())["seed"] == 0
+    ck = torch.load(ws / "base-digits-no0-s0" / "model.pt", weights_only=False)
     assert ck["dropped"] == [0] and ck["done"]
+    s = E.load_samples(ws / "base-digits-no0-s0" / "samples.pt")
+    assert (s["c"] == s["null"]).sum() == CI["eval"]["n_uncond"] and (s["c"] < 10).sum() == 10 * CI["eval"]["n_per_class"]
     x, y = C.training_set("digits", drop_classes=(0,))
     n_zeros = int((C.load_data("digits")[1] == 0).sum())
     assert not (y == 0).any() and len(y) == len(C.training_set("digits")[1]) - n_zeros
@@ -64,12 +71,14 @@ def test_table_json_and_grid_are_written(ci_compare, runs_dir, tmp_path):
         assert s["forget_rate"]["n"] == 1 and s["forget_rate"]["std"] is None and 0 <= s["retain_acc"]["mean"] <= 1
     img = Image.open(ws / "grid.png")
     assert img.width > img.height > 0
-    # a second call finds every run and evaluation, writes the same table and pastes the report into a
-    # markdown file between its markers, the figure linked from there, the text around them untouched
+    # a second call runs nothing again, writes the same table and pastes the report into a markdown file
+    # between its markers, the figure linked from there, the text around them untouched
+    logs = {p: p.stat().st_mtime_ns for p in (ws / "records").glob("*.log")}
     readme = tmp_path / "README.md"
     readme.write_text("# intro\n<!-- compare-digits:begin -->\nold table\n<!-- compare-digits:end -->\nafter\n")
     again = E.compare(E.CompareArgs(budget="ci", seeds="0", readme=str(readme)))
     assert again["summary"] == ci_compare["summary"]
+    assert logs == {p: p.stat().st_mtime_ns for p in (ws / "records").glob("*.log")} and len(logs) == len(E.MODELS)
     pasted = readme.read_text()
     assert "old table" not in pasted and pasted.startswith("# intro\n<!-- compare-digits:begin -->\n")
     assert pasted.endswith("<!-- compare-digits:end -->\nafter\n")
@@ -79,19 +88,13 @@ def test_table_json_and_grid_are_written(ci_compare, runs_dir, tmp_path):
     assert between.replace(f"({figure})", "(grid.png)") == (ws / "results.md").read_text()
 
 
-def test_text_grid_draws_each_pixel_and_frames_the_class():
-    K, g = 3, 2
-    x = torch.full((K * g, 1, 8, 8), -1.0)                  # black everywhere ...
-    x[g * 1, 0, 2, 5] = 1.0                                  # ... but one white pixel in class 1's first sample
-    x[g * 1 + 1] = 1.0                                       # (its second sample, not drawn, is all white)
-    x[g * 2, 0, 7, 0] = 0.0                                  # mid grey (level 5 of 10) in class 2's first sample
-    text = E._text_grid({"siss": x}, K, g, forget=1).splitlines()
-    assert len(text) == 1 + 1 + 8 and text[1] == E.LABELS["siss"]
-    rows = [line[2:] for line in text[2:]]                    # 2-space margin, then 18 characters per class
-    assert all(len(r) == 18 * K for r in rows)
-    assert [r[18] + r[35] for r in rows] == ["||"] * 8       # class 1 framed, the others not
-    assert rows[2][18 + 1 + 10: 18 + 1 + 12] == "@@"          # row 2, column 5 of class 1: two characters per pixel
-    assert rows[7][36 + 1: 36 + 3] == "++" and set("".join(rows).replace("@", "").replace("+", "")) <= set(" |")
+def test_commands_are_what_a_user_types(tmp_path):
+    argv, folder = E.command("siss", E.CompareArgs(), 2, E.COMPARE_BUDGETS[("digits", "full")], tmp_path)
+    assert argv[0] == "siss.py" and argv[argv.index("--forget") + 1] == "0" and argv[argv.index("--seed") + 1] == "2"
+    assert "--no-stop-at-zero" in argv and folder == tmp_path / "siss-digits-s2"     # inside the workspace
+    argv, folder = E.command("retrain", E.CompareArgs(forget=3), 1, E.COMPARE_BUDGETS[("digits", "full")], tmp_path)
+    assert argv[:3] == ["common.py", "--dataset", "digits"] and "--drop-classes" in argv
+    assert folder == tmp_path / "base-digits-no3-s1"
 
 
 @pytest.mark.parametrize("argv, message", [

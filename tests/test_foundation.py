@@ -260,9 +260,158 @@ def test_base_and_classifier_quality(digits_base, digits_classifier):
 
 
 def test_eval_cli_prints_json_last(digits_base, digits_classifier):
-    r = run_script("eval.py", "--n-per-class", "20", "--steps", "10", "--nll-n", "10", "--forget", "0")
+    r = run_script("eval.py", "--n-per-class", "20", "--sample-steps", "10", "--nll-real", "10", "--n-nll", "2",
+                   "--nll-tol", "1e-3", "--forget", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    for k in ("classifier_test_acc", "class_acc", "fid_retain", "is", "nll_real_bpd", "nll_noise_bpd", "forget_rate"):
+    for k in ("classifier_test_acc", "class_acc", "fid_retain", "is", "nll_real_bpd", "nll_noise_bpd", "forget_rate",
+              "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"):
         assert k in m
     assert m["nll_real_bpd"] < m["nll_noise_bpd"]
+
+
+def test_samples_pt_is_judged_like_the_samples_themselves(digits_base, digits_classifier):
+    """judge() on a samples.pt agrees with sample_metrics on its class-conditional part, and takes the share of a
+    class among null-token samples as the forget rate of a model that has only those (an unconditional model)."""
+    _, model = digits_base
+    clf = digits_classifier
+    x_real, y_real = C.load_data("digits")
+    c = torch.cat([C.class_tokens(10, 8), torch.full((60,), model.tok["null"])])
+    x = C.sample(model, C.VP(), c, steps=10)
+    both = E.judge({"x": x, "c": c, "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real, y_real, [0])
+    direct = E.sample_metrics(clf, x[:80], c[:80], x_real, y_real, [0])
+    assert all(both[k] == direct[k] for k in ("forget_rate", "retain_acc", "fid_retain", "class_acc"))
+    share = (E.predict(clf, x[80:]) == 0).float().mean().item()
+    assert both["forget_rate_uncond"] == pytest.approx(share)
+    uncond = E.judge({"x": x[80:], "c": c[80:], "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real, y_real, [0])
+    assert uncond["forget_rate"] == pytest.approx(share) and 0 < uncond["retain_acc"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------- plumbing, paper scale
+
+
+def test_help_shows_the_value_used_for_each_dataset():
+    r = run_script("common.py", "--help")
+    text = " ".join(r.stdout.split())
+    assert "[1400; mnist, fashion: 50000; cifar10: 800000]" in text and "[0.001; mnist, fashion, cifar10: 0.0002]" in text
+    assert C.make_args(C.Args, dataset="cifar10").steps == 800_000 and C.make_args(C.Args).steps == 1400
+    given = C.parse_args(C.Args, ["--dataset", "cifar10", "--lr", "0.001", "--no-flip"])
+    assert (given.lr, given.flip, given.steps, given.warmup) == (1e-3, False, 800_000, 5000)   # flags win
+
+
+def test_cache_recomputes_only_when_its_key_changes(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or {"v": torch.arange(3)}
+    a = C.cached(tmp_path / "c.pt", {"steps": 5}, compute)
+    b = C.cached(tmp_path / "c.pt", {"steps": 5}, compute)
+    assert torch.equal(a["v"], b["v"]) and len(calls) == 1
+    C.cached(tmp_path / "c.pt", {"steps": 6}, compute)
+    assert len(calls) == 2
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"abc")
+    before = C.file_id(f)
+    f.write_bytes(b"abd")                                    # same size, new contents: a new identity
+    assert C.file_id(f) != before
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed after its checkpoint at step 20, the rerun continues with the saved optimiser, EMA and RNG streams
+    and ends with exactly the weights of an uninterrupted run."""
+    whole = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "a" / "model.pt")
+    real, calls = C.F.mse_loss, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(C.F, "mse_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.pt")
+    monkeypatch.setattr(C.F, "mse_loss", real)
+    assert torch.load(tmp_path / "b" / "resume.pt", weights_only=False)["step"] == 20
+    resumed = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.pt")
+    a, b = (torch.load(p, weights_only=False)["model"] for p in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "b" / "resume.pt").exists()
+
+
+def test_two_processes_take_the_steps_of_one(runs_dir):
+    """torchrun with 2 CPU processes (gloo) and the global batch split between them ends with the weights of one
+    process with the same global batch: each process keeps its share of the same draw and DDP averages."""
+    common = ["--steps", "12", "--batch-size", "32", "--save-every", "0", "--n-per-class", "1", "--sample-steps", "2"]
+    one = run_script("common.py", *common, "--tag", "one-process")
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "common.py", *common,
+                     "--tag", "two-processes")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
+    assert "x 2 processes" in two.stdout
+    a, b = (torch.load(C.base_path("digits", t), weights_only=False)["model"] for t in ("one-process", "two-processes"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    moved = max((a[k] - C.CondUNet("digits").state_dict()[k]).abs().max().item() for k in a if "norm" not in k)
+    assert moved > 1e-3                                      # and the steps did move the weights
+
+
+def test_inception_features_follow_pytorch_fids_pipeline(tmp_path):
+    """With a stand-in network (the weights are not on this machine): images reach it as pytorch-fid's PNG
+    reader gives them (8-bit levels in [0, 1], grey repeated to RGB), and its pool features come back flat."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+    seen = []
+
+    class StandIn(torch.nn.Module):          # shaped like pytorch_fid.inception.InceptionV3([3]): a list of maps
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            seen.append(x)
+            return [torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None].repeat(1, 1, 2, 2) * self.w]
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    f = E.inception_features(StandIn(), x)
+    for i in range(5):                       # what pytorch-fid reads back from a saved PNG
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(((x[i, 0] + 1) * 127.5).round().byte().numpy()).convert("RGB").save(path)
+        assert torch.allclose(seen[0][i], to_tensor(Image.open(path).convert("RGB")), atol=1e-6)
+    assert f.shape == (5, 6)
+    clf = E.Classifier(1, 10)
+    clf.fid_net = StandIn()
+    assert np.allclose(E.features(clf, x), f)
+
+
+def test_inception_fid_without_its_weights_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+    import types
+    assert E.fid_network("auto", "", "digits", "cpu") is None                # digits: classifier features
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)                     # not installed
+    with pytest.raises(C.UsageError, match="pip install pytorch-fid.*--inception-weights"):
+        E.fid_network("inception", "", "cifar10", "cpu")
+    assert E.fid_network("auto", "", "cifar10", "cpu") is None               # auto falls back, with a note
+    # installed (a stand-in module), weights given by path: the network is built from that file
+    weights = tmp_path / E.INCEPTION_FILE
+    torch.save({"w": torch.ones(())}, weights)
+    built = []
+
+    class InceptionV3(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            super().__init__()
+            self.w = torch.nn.Parameter(fake.load_state_dict_from_url("https://unreachable")["w"])
+            built.append(blocks)
+    fake = types.SimpleNamespace(InceptionV3=InceptionV3, load_state_dict_from_url=None)
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.SimpleNamespace(inception=fake))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", fake)
+    net = E.fid_network("inception", str(weights), "cifar10", "cpu")
+    assert built == [[3]] and net.w.item() == 1.0
+    with pytest.raises(C.UsageError, match="no such file"):
+        E.fid_network("inception", str(tmp_path / "missing.pth"), "cifar10", "cpu")
+
+
+def test_sample_grid_frames_only_the_gaps_around_highlighted_rows(tmp_path):
+    from PIL import Image
+    x = torch.full((6, 1, 2, 2), 1.0)                                         # white images, 3 per row
+    C.save_grid(x, tmp_path / "g.png", nrow=3, scale=1, highlight_rows=[1])
+    im = np.asarray(Image.open(tmp_path / "g.png"))
+    assert im.shape == (7, 10, 3)
+    red = (im == [255, 0, 0]).all(2)
+    assert red[3:7].all(1)[[0, 3]].all() and red[:3].sum() == 0            # the gaps above and below row 1
+    assert (im[4:6, 1:3] == 255).all()                                     # its images stay white

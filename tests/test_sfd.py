@@ -1,12 +1,17 @@
-"""sfd.py: the one-step generator against the x0-prediction, the SiD loss against its expanded form, which
-network each step may change, which label each network sees, and a short end-to-end run that forgets."""
+"""sfd.py: the one-step generator against the x0-prediction, the SiD loss against its expanded form, the loss
+functions copied into a bare namespace, which network each step may change, which label each network sees, a
+short end-to-end run that forgets and whose model.pt the file loads again, an interrupted run that resumes to
+the same weights, two gloo processes under torchrun against one, and (on a GPU) a few mixed-precision steps."""
 import copy
 import json
+import math
+import shutil
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run_script
+from conftest import isolated, run_script
 
 import common as C
 import sfd
@@ -17,9 +22,9 @@ import sfd
 def test_init_coefficients_match_diffusers_schedule():
     from diffusers import DDPMScheduler
     ab = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02).alphas_cumprod[440].item()
-    b, sigma = sfd.init_coefs(C.VP(), 440)
+    b, sigma = (float(v) for v in sfd.init_coefs(C.VP().alpha_bar, 440))
     assert b == pytest.approx((1 - ab) ** 0.5, rel=1e-5) and sigma == pytest.approx(((1 - ab) / ab) ** 0.5, rel=1e-5)
-    assert b == pytest.approx(0.9286, abs=1e-4) and sigma == pytest.approx(2.5023, abs=1e-3)   # spec's table
+    assert b == pytest.approx(0.9286, abs=1e-4) and sigma == pytest.approx(2.5023, abs=1e-3)   # SiD's sigma 2.5
 
 
 def test_generator_is_the_x0_prediction_at_t_init(digits_base):
@@ -27,10 +32,10 @@ def test_generator_is_the_x0_prediction_at_t_init(digits_base):
     vp = C.VP()
     g = torch.Generator().manual_seed(0)
     z, c = torch.randn(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 4, 9])
-    b, _ = sfd.init_coefs(vp, 440)
+    b = float(sfd.init_coefs(vp.alpha_bar, 440)[0])
     t = torch.full((6,), 440)
     with torch.no_grad():
-        x = sfd.generate(model, z, c, 440, vp)
+        x = sfd.generate(model, z, c, 440, vp.alpha_bar)
         x_t = b * z
         expected = vp.eps_to_x0(x_t, t, model(x_t, t.float(), c))
         # the official code's route: x_t / a - sigma * eps, with a = sqrt(abar), sigma = sqrt(1 / abar - 1)
@@ -64,6 +69,48 @@ def test_sid_loss_normaliser_is_floored():
     assert sfd.sid_loss(f_phi, f_psi, x, 1.2).item() == pytest.approx(-1.2 * 4 * 1e-6 / 1e-5, rel=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------- copy-paste
+
+
+def _tiny(x, t, c):
+    """A stand-in eps-network: depends on x, t and c, differentiable in x."""
+    t = torch.as_tensor(t, dtype=x.dtype).expand(len(x)).view(-1, 1, 1, 1)
+    return torch.tanh(0.5 * x + t / 1000 + 0.1 * c.view(-1, 1, 1, 1).to(x.dtype))
+
+
+def test_loss_functions_work_when_copied_alone():
+    """Each function of sfd.LOSSES, re-created from its source in a namespace holding only torch and math, gives
+    what the original gives (same seed for the ones that draw t and noise), gradients included."""
+    ns = isolated(sfd.LOSSES)
+    assert set(ns) == {fn.__name__ for fn in sfd.LOSSES}
+    ab = C.VP().alpha_bar
+    g = torch.Generator().manual_seed(3)
+    x, z, eps = (torch.randn(4, 1, 3, 3, generator=g) for _ in range(3))
+    f_psi = torch.randn(4, 1, 3, 3, generator=g)
+    c, c2, t = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 5, 5, 5]), torch.tensor([38, 200, 440, 711])
+    calls = {
+        "init_coefs": lambda f, x: torch.stack(f(ab, 440)),
+        "generate": lambda f, x: f(_tiny, z, c, 440, ab),
+        "diffuse": lambda f, x: f(x, t, eps, ab),
+        "predict_x0": lambda f, x: f(_tiny, x, t, c, ab),
+        "fake_score_loss": lambda f, x: f(_tiny, x, c, ab, 38, 712),
+        "sid_loss": lambda f, x: f(x.detach() + 0.1, f_psi, x, 1.2),
+        "generator_loss": lambda f, x: f(_tiny, lambda a, b, k: 0.9 * _tiny(a, b, k), x, c, c2, ab, 1.2, 38, 712),
+    }
+    assert set(calls) == set(ns)
+    for name, call in calls.items():
+        out = []
+        for f in (getattr(sfd, name), ns[name]):
+            torch.manual_seed(7)
+            xg = x.clone().requires_grad_()
+            v = call(f, xg)
+            out.append((v.detach(), torch.autograd.grad(v.sum(), xg)[0] if v.requires_grad else None))
+        (a, ga), (b, gb) = out
+        assert a.shape == b.shape and torch.equal(a, b), name
+        assert (ga is None and gb is None) or torch.equal(ga, gb), name
+        assert torch.isfinite(a).all() and a.abs().sum() > 0, name        # a real value, not an empty result
+
+
 # ---------------------------------------------------------------------------------------------- the two steps
 
 
@@ -77,6 +124,10 @@ class Recorder(nn.Module):
     def forward(self, x, t, c):
         self.labels.append(c.clone())
         return self.net(x, t, c)
+
+
+IMG = (1, 8, 8)   # digits: channels, size, size
+NO_SCALER = C.grad_scaler("cpu", False)   # the pass-through a CPU run uses
 
 
 def _nets(model):
@@ -96,15 +147,15 @@ def test_each_step_changes_only_its_own_network(digits_base):
     _, model = digits_base
     torch.manual_seed(0)
     teacher, fake, gen = _nets(model)
-    args = sfd.Args(batch_size=4)
+    args, ab = sfd.Args(batch_size=4), C.VP().alpha_bar
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-4, betas=(0.0, 0.999))
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-4, betas=(0.0, 0.999))
     c, cf, co = torch.tensor([2, 3, 4, 5]), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
     snaps = {n: _snapshot(m) for n, m in (("teacher", teacher), ("fake", fake), ("gen", gen))}
-    sfd.fake_score_step(gen, fake, opt_f, c, cf, args, C.VP())
+    sfd.fake_score_step(gen, fake, opt_f, NO_SCALER, c, cf, IMG, ab, args)
     assert _changed(fake, snaps["fake"]) and not _changed(gen, snaps["gen"]) and not _changed(teacher, snaps["teacher"])
     snaps = {n: _snapshot(m) for n, m in (("teacher", teacher), ("fake", fake), ("gen", gen))}
-    sfd.generator_step(gen, teacher, fake, opt_g, c, cf, co, args, C.VP())
+    sfd.generator_step(gen, teacher, fake, opt_g, NO_SCALER, c, cf, co, IMG, ab, args)
     assert _changed(gen, snaps["gen"]) and not _changed(fake, snaps["fake"]) and not _changed(teacher, snaps["teacher"])
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -118,12 +169,13 @@ def test_forget_term_routes_override_label_to_teacher_and_forget_label_to_fake(d
     c, cf, co = torch.tensor([2, 3, 4, 5]), torch.full((4,), 7), torch.full((4,), 8)
     opt_g = torch.optim.SGD(gen.parameters(), lr=0.0)      # keep the weights: we compare gradients
     grad_max = lambda: max(p.grad.abs().max().item() for p in gen.parameters() if p.grad is not None)
-    logs = sfd.generator_step(gen, teacher, fake, opt_g, c, cf, co, sfd.Args(forget_coef=0.0), C.VP())
+    ab = C.VP().alpha_bar
+    logs = sfd.generator_step(gen, teacher, fake, opt_g, NO_SCALER, c, cf, co, IMG, ab, sfd.Args(forget_coef=0.0))
     assert logs["g_remain"] == 0.0 and "g_forget" not in logs
     remain_only = grad_max()
     for rec in (teacher, fake, gen):
         rec.labels.clear()
-    logs = sfd.generator_step(gen, teacher, fake, opt_g, c, cf, co, sfd.Args(forget_coef=0.01), C.VP())
+    logs = sfd.generator_step(gen, teacher, fake, opt_g, NO_SCALER, c, cf, co, IMG, ab, sfd.Args(forget_coef=0.01))
     assert logs["g_remain"] == 0.0 and logs["g_forget"] != 0.0
     assert remain_only < 1e-4 * grad_max()
     same = lambda got, want: len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
@@ -148,17 +200,151 @@ def test_bad_input_is_one_line_error(argv, message, digits_base, runs_dir):
     assert sorted(runs_dir.rglob("*")) == before
 
 
+CI_FLAGS = ["--iters", "60", "--batch-size", "16", "--lr-g", "5e-4", "--lr-fake", "5e-4", "--ema", "0.5",
+            "--n-per-class", "20", "--sample-steps", "10", "--n-nll", "2", "--nll-tol", "0.001", "--log-every", "20"]
+
+
 def test_short_run_lowers_forget_rate(digits_base, digits_classifier, runs_dir):
     # Calibrated on the CI base: forget rate 0.95 -> 0.67 (30 iterations) -> 0.00 (50, 60), retain 0.98.
-    r = run_script("sfd.py", "--iters", "60", "--batch-size", "16", "--lr-g", "5e-4", "--lr-fake", "5e-4",
-                   "--ema", "0.5", "--n-per-class", "20", "--eval-steps", "10", "--log-every", "20", "--tag", "ci")
+    r = run_script("sfd.py", *CI_FLAGS, "--tag", "ci")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     out = runs_dir / "sfd-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "model.pt", "samples.png", "metrics.json"))
+    assert all((out / f).exists() for f in ("args.json", "model.pt", "samples.pt", "samples.png", "metrics.json"))
+    assert m == json.loads((out / "metrics.json").read_text())
     assert m["nfe"] == 1 and m["base_nfe"] == 10 and m["images_per_s"] > m["base_images_per_s"]
     assert m["base_forget_rate"] >= 0.8                      # the CI base draws its zeros
     assert m["forget_rate"] <= m["base_forget_rate"] - 0.5   # ... the generator mostly does not
     assert m["retain_acc"] >= 0.7                            # and the kept classes survive
+    # the common keys: no likelihood for a one-step generator, the base's from the probability-flow ODE
+    assert all(m[k] is None for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"))
+    assert all(math.isfinite(m[f"base_{k}"]) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"))
+    assert m["params"] == m["base_params"] == C.n_params(digits_base[1]) and m["seconds"] > 0
+    assert [p["iter"] for p in m["curve"]] == [0, 20, 40, 60] and m["curve"][0]["forget_rate"] >= 0.8
+    s = torch.load(out / "samples.pt", weights_only=False)
+    assert s["nfe"] == 1 and s["x"].shape == (200, 1, 8, 8) and torch.equal(s["c"], C.class_tokens(10, 20))
     ck = torch.load(out / "model.pt", weights_only=False)
     assert ck["method"] == "sfd" and ck["t_init"] == 440 and ck["forget"] == 0 and "fake" in ck
+    # model.pt is loaded again by --init: evaluating it alone draws the same samples, so the same figures
+    r = run_script("sfd.py", *CI_FLAGS, "--init", str(out / "model.pt"), "--iters", "0", "--tag", "ci-re")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert torch.equal(torch.load(runs_dir / "sfd-digits-ci-re" / "samples.pt", weights_only=False)["x"], s["x"])
+    assert {k: again[k] for k in ("forget_rate", "override_rate", "retain_acc", "fid_retain")} == \
+        {k: m[k] for k in ("forget_rate", "override_rate", "retain_acc", "fid_retain")}
+
+
+# ---------------------------------------------------------------------------------------------- long runs
+
+
+TINY = dict(iters=10, batch_size=4, lr_g=5e-4, lr_fake=5e-4, ema=0.5, log_every=5, n_per_class=2, sample_steps=2,
+            n_nll=0)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(digits_base, digits_classifier, runs_dir, monkeypatch):
+    """Interrupted in iteration 7 with a checkpoint every 4, a rerun with the same arguments continues from 4 and
+    ends with the weights of an uninterrupted run, bit for bit. The uninterrupted run also has --amp, which on the
+    CPU must change nothing."""
+    for t in ("whole", "cut"):                              # a runs/ kept between sessions may hold older runs
+        shutil.rmtree(runs_dir / f"sfd-digits-{t}", ignore_errors=True)
+    whole = sfd.main(C.make_args(sfd.Args, tag="whole", amp=True, save_every=4, **TINY))
+    step, calls = sfd.generator_step, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 7 and interrupt:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+    monkeypatch.setattr(sfd, "generator_step", counted)
+    args, interrupt = C.make_args(sfd.Args, tag="cut", save_every=4, **TINY), True
+    with pytest.raises(KeyboardInterrupt):
+        sfd.main(args)
+    out = runs_dir / "sfd-digits-cut"
+    assert (out / "resume.pt").exists() and not (out / "model.pt").exists()
+    calls.clear()
+    interrupt = False
+    resumed = sfd.main(args)
+    assert len(calls) == 10 - 4                            # it continued from the checkpoint of iteration 4
+    assert not (out / "resume.pt").exists()                # and the finished run leaves no checkpoint behind
+    a, b = (torch.load(runs_dir / f"sfd-digits-{t}" / "model.pt", weights_only=False) for t in ("whole", "cut"))
+    for key in ("model", "fake", "generator_raw"):         # EMA generator, fake score, raw generator
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert [p["iter"] for p in resumed["curve"]] == [0, 5, 10] and resumed["curve"] == whole["curve"]
+    assert resumed["forget_rate"] == whole["forget_rate"] and resumed["seconds"] > 0
+
+
+DDP_SCRIPT = """
+import sys, torch, common as C, sfd
+train, step, labels, losses = sfd.train, sfd.generator_step, [], []
+def record(gen, teacher, fake, opt, scaler, c, *rest):   # each process's labels and its own generator losses
+    labels.append(c.clone())
+    losses.append(step(gen, teacher, fake, opt, scaler, c, *rest))
+    return losses[-1]
+def keep(args, teacher, gen, fake, *rest):               # every process leaves its generator and labels
+    result = train(args, teacher, gen, fake, *rest)
+    out = C.run_dir("sfd", args.dataset, args.tag) / f"rank{C.distributed()[0]}.pt"
+    torch.save({"gen": gen.state_dict(), "labels": torch.stack(labels), "losses": losses}, out)
+    return result
+sfd.train, sfd.generator_step = keep, record
+C.cli(sfd.main, sfd.Args, sys.argv[1:])
+"""
+
+
+def test_two_gloo_processes_follow_the_curve_of_one(digits_base, digits_classifier, runs_dir):
+    """torchrun --nproc_per_node 2 on the CPU (gloo) against one process with the same global batch of 16: each
+    process draws its own 8 labels per iteration, both end with the same weights (DDP averages the gradients),
+    the logged losses are the means of the two processes' own, and they follow the single process's curve within
+    noise: per loss, the mean over the 16 iterations of the difference between the two runs lies within 5
+    standard errors of zero (a paired test; the runs draw different noise, so single iterations differ, but a
+    systematic offset such as a wrong loss scale or a diverging run does not average out)."""
+    flags = ["--iters", "16", "--batch-size", "16", "--log-every", "1", "--n-per-class", "2", "--sample-steps", "2",
+             "--n-nll", "0"]
+    one = run_script("sfd.py", *flags, "--tag", "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+                     sys.executable, "-c", DDP_SCRIPT, *flags, "--tag", "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "iterations of batch 16 (2 processes)" in two.stdout
+    ranks = [torch.load(runs_dir / "sfd-digits-two" / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["labels"].shape == (16, 8) and (r["labels"] != 0).all() for r in ranks)   # 8 kept labels each
+    assert not torch.equal(ranks[0]["labels"], ranks[1]["labels"])                      # ... not the same ones
+    gens, base = [r["gen"] for r in ranks], digits_base[1].state_dict()
+    assert all(torch.equal(gens[0][k], gens[1][k]) for k in base)                       # one model in two places
+    assert any(not torch.equal(gens[0][k], base[k]) for k in base)                      # that did train
+    curves = [json.loads((runs_dir / f"sfd-digits-{t}" / "metrics.json").read_text())["curve"][1:]
+              for t in ("one", "two")]
+    assert [p["iter"] for p in curves[0]] == [p["iter"] for p in curves[1]] == list(range(1, 17))
+    for i, logged in enumerate(curves[1]):
+        for key in ("g_remain", "g_forget"):
+            mean = (ranks[0]["losses"][i][key] + ranks[1]["losses"][i][key]) / 2
+            assert logged[key] == pytest.approx(mean, rel=1e-6, abs=1e-9)
+    for key in ("fake_remain", "fake_forget", "g_remain", "g_forget"):
+        d = torch.tensor([a[key] - b[key] for a, b in zip(*curves)], dtype=torch.float64)
+        assert d.mean().abs() <= 5 * d.std() / math.sqrt(len(d)), (key, d.tolist())
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_few_mixed_precision_iterations_at_mnist_size_on_cuda(tmp_path, monkeypatch):
+    """Three iterations on MNIST-sized stand-in tensors (the GPU machine may have no network) with --amp: a
+    random-weight base in MNIST's architecture, a classifier trained on the stand-ins, the whole run to
+    metrics.json. Checks that the path runs and stays finite, not what it learns."""
+    g = torch.Generator().manual_seed(0)
+    data = {split: (torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, torch.arange(n) % 10)
+            for split, n in (("train", 200), ("test", 50))}
+    monkeypatch.setattr(C, "load_data", lambda name="digits", root="data", split="train": data[split])
+    monkeypatch.setattr(C, "RUNS", tmp_path)        # the stand-in base and classifier stay out of every runs/
+    C.seed_everything(0)
+    C.save_checkpoint(C.base_path("mnist"), C.CondUNet("mnist"), 0, done=True)
+    args = C.make_args(sfd.Args, dataset="mnist", device="cuda", amp=True, iters=3, batch_size=8, log_every=1,
+                       n_per_class=2, sample_steps=2, n_nll=0, tag="cuda")
+    m = sfd.main(args)
+    assert m["nfe"] == 1 and [p["iter"] for p in m["curve"]] == [0, 1, 2, 3]
+    assert all(math.isfinite(p[k]) for p in m["curve"][1:] for k in ("fake_remain", "g_remain", "g_forget"))
+    ck = torch.load(tmp_path / "sfd-mnist-cuda" / "model.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    x = torch.load(tmp_path / "sfd-mnist-cuda" / "samples.pt", weights_only=False)["x"]
+    assert x.shape == (20, 1, 32, 32) and torch.isfinite(x).all()

@@ -1,5 +1,6 @@
-"""siss.py: the importance weights, the gradient combinations, every objective end to end, and the default
-scenario's effect (a memorised outlier's copies vanish, the digits stay) on a CI-sized outlier base."""
+"""siss.py: the importance weights, the gradient combinations, every objective end to end (and its copy in a
+namespace holding only torch and math), and the default scenario's effect (a memorised outlier's copies vanish,
+the digits stay) on a CI-sized outlier base, with the files a run leaves."""
 import copy
 import json
 import math
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import common as C
 import eval as E
 import siss
-from conftest import run_script
+from conftest import isolated, run_script
 
 OUTLIER_FINETUNE_STEPS = 120
 
@@ -34,7 +35,7 @@ def test_importance_weights_equal_density_ratios(lam):
     B = 16
     x, a = torch.rand(B, 1, 2, 2) * 2 - 1, torch.rand(B, 1, 2, 2) * 2 - 1
     t = torch.linspace(0, 999, B).long()
-    gamma, sigma = siss.gamma_sigma(vp, t, x.double())
+    gamma, sigma = siss.gamma_sigma(vp.alpha_bar, t, x.double())
     from_a = torch.rand(B) < lam
     eps = torch.randn(B, 1, 2, 2, dtype=torch.float64)
     m = torch.where(from_a.view(-1, 1, 1, 1), gamma * a + sigma * eps, gamma * x + sigma * eps)
@@ -45,7 +46,7 @@ def test_importance_weights_equal_density_ratios(lam):
     # the defensive mixture's identity (1 - lam) w_x + lam w_a = 1, for every sample
     assert torch.allclose((1 - lam) * w_x.double() + lam * w_a.double(), torch.ones(B, dtype=torch.float64),
                           atol=1e-6)
-    # soft weights at high noise, binary at low noise (spec 2.1): the weights really depend on t
+    # soft weights at high noise, binary at low noise: the weights really depend on t
     if lam == 0.5:
         assert 0.05 < float(w_x[-1]) < 1.95 and float(w_x[0]) in (0.0, 2.0)
 
@@ -57,7 +58,7 @@ def test_importance_weights_do_not_overflow_in_half_precision():
     x, a = -torch.ones(4, 1, 8, 8), torch.ones(4, 1, 8, 8)
     t = torch.tensor([0, 10, 100, 300])
     for dtype in (torch.float16, torch.bfloat16):
-        gamma, sigma = siss.gamma_sigma(vp, t, x.to(dtype))
+        gamma, sigma = siss.gamma_sigma(vp.alpha_bar, t, x.to(dtype))
         m = (gamma * x + sigma * torch.randn(4, 1, 8, 8)).to(dtype)
         w_x, w_a = siss.importance_weights(m, x.to(dtype), a.to(dtype), gamma, sigma, 0.5)
         assert torch.isfinite(w_x).all() and torch.isfinite(w_a).all()
@@ -69,7 +70,7 @@ def test_importance_weights_binary_when_tokens_differ():
     vp = C.VP()
     x = torch.zeros(4, 1, 2, 2)
     t = torch.full((4,), 999)
-    gamma, sigma = siss.gamma_sigma(vp, t, x)
+    gamma, sigma = siss.gamma_sigma(vp.alpha_bar, t, x)
     from_a = torch.tensor([True, False, True, False])
     same = torch.tensor([False, False, True, True])
     w_x, w_a = siss.importance_weights(x, x, x + 0.1, gamma, sigma, 0.25, same, from_a)
@@ -105,38 +106,72 @@ def test_erasediff_combination():
 # ------------------------------------------------------------------------------------------ objectives
 
 def tiny_batch(B=6, seed=0):
+    """(x0, c_x, a0, c_a, t, eps) as siss.make_batch returns it: digits-sized pairs, keep tokens 0..9, forget 13."""
     g = torch.Generator().manual_seed(seed)
     x0, a0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
-    return siss.Batch(x0, a0, torch.randint(10, (B,), generator=g), torch.full((B,), 13), torch.randint(1000, (B,), generator=g),
-                      torch.randn(B, 1, 8, 8, generator=g))
+    return (x0, torch.randint(10, (B,), generator=g), a0, torch.full((B,), 13), torch.randint(1000, (B,), generator=g),
+            torch.randn(B, 1, 8, 8, generator=g))
 
 
 def test_losses_sum_over_pixels_and_siss_reduces_to_no_is_at_lam_extremes():
     """sq_err sums over pixels; SISS with lam = 0 is exactly the keep term of SISS No-IS, lam = 1 its forget term."""
     torch.manual_seed(0)
     model, vp, b = C.CondUNet("digits").eval(), C.VP(), tiny_batch()
+    x0, c_x, a0, c_a, t, eps = b
     with torch.no_grad():
-        lx, la = siss.siss_nois_loss(model, vp, b)
-        e = model(vp.q_sample(b.x0, b.t, b.eps), b.t, b.c_x)
-        assert torch.allclose(lx, F.mse_loss(e, b.eps, reduction="sum") / len(e))
-        s0x, s0a = siss.siss_loss(model, vp, b, 0.0)
-        s1x, s1a = siss.siss_loss(model, vp, b, 1.0)
+        lx, la = siss.siss_nois_loss(model, vp.alpha_bar, *b)
+        e = model(vp.q_sample(x0, t, eps), t, c_x)       # common's forward process, an independent copy
+        assert torch.allclose(lx, F.mse_loss(e, eps, reduction="sum") / len(e))
+        s0x, s0a = siss.siss_loss(model, vp.alpha_bar, *b, 0.0)
+        s1x, s1a = siss.siss_loss(model, vp.alpha_bar, *b, 1.0)
     assert torch.allclose(s0x, lx, rtol=1e-5) and torch.allclose(s1a, la, rtol=1e-5)
     assert s0a == 0 and s1x == 0                   # tokens differ: the other term has weight exactly 0
+
+
+def test_loss_functions_copied_alone_give_the_same_results():
+    """Every function of siss.LOSSES, compiled from its source in a namespace holding only torch and math (as a
+    user copies it), returns what the original returns on tiny tensors and a tiny model callable."""
+    ns = isolated(siss.LOSSES)
+    ab = C.VP().alpha_bar
+    w = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    model = lambda x, t, c: torch.tanh(x * w + t.view(-1, 1, 1, 1) / 1000) + 0.1 * c.view(-1, 1, 1, 1)
+    b = tiny_batch(8, seed=1)
+    x0, c_x, a0, c_a, t, eps = b
+    same_cond = torch.tensor([True, False] * 4)
+    b_same = (x0, c_x, a0, torch.where(same_cond, c_x, c_a), t, eps)   # half the pairs share their token
+    g_x, g_a = [torch.randn(5, 3), torch.randn(7)], [torch.randn(5, 3), torch.randn(7)]
+    calls = {
+        "sq_err": (x0, a0), "gamma_sigma": (ab, t, x0), "noised": (ab, x0, t, eps),
+        "importance_weights": (x0, x0, a0, *siss.gamma_sigma(ab, t, x0), 0.5, same_cond, same_cond),
+        "siss_loss": (model, ab, *b_same, 0.5), "siss_nois_loss": (model, ab, *b), "erasediff_loss": (model, ab, *b),
+        "naive_loss": (model, ab, x0, c_x, t, eps), "neggrad_loss": (model, ab, a0, c_a, t, eps, 0.01),
+        "global_norm": (g_x,), "combine_subtract": (g_x, g_a, 5.0), "combine_erasediff": (g_x, g_a, 1e-3)}
+    assert set(calls) == {fn.__name__ for fn in siss.LOSSES}
+    flat = lambda v: [u for w_ in v for u in flat(w_)] if isinstance(v, (tuple, list)) else [torch.as_tensor(v).double()]
+    for fn in siss.LOSSES:
+        torch.manual_seed(0)
+        mine = fn(*calls[fn.__name__])
+        torch.manual_seed(0)                       # siss_loss and erasediff_loss draw from torch's generator
+        copy = ns[fn.__name__](*calls[fn.__name__])
+        assert ns[fn.__name__] is not fn and ns[fn.__name__].__globals__ is not siss.__dict__
+        a, c = flat(mine), flat(copy)
+        assert len(a) == len(c) and all(torch.equal(u, v) for u, v in zip(a, c)), fn.__name__
+        assert all(torch.isfinite(u).all() for u in a), fn.__name__
 
 
 @pytest.mark.parametrize("method", siss.METHODS)
 def test_every_method_takes_steps(method, digits_base):
     """Each objective on the real base: finite losses, the clipped total step, and the weights move."""
     model = copy.deepcopy(digits_base[1]).train()
-    args = siss.defaults(siss.Args(method=method, batch_size=8))
+    args = C.make_args(siss.Args, method=method, batch_size=8)
     x, y = C.training_set("digits")
     keep, forget = torch.arange(0, 1400), torch.arange(1400, 1500)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        log = siss.unlearn_step(model, C.VP(), opt, siss.make_batch(x, y, keep, forget, args, model.tok, gen, "cpu"), args)
+        log = siss.unlearn_step(model, C.VP().alpha_bar, opt, siss.make_batch(x, y, keep, forget, args, model.tok, gen, "cpu"),
+                                args)
     assert all(math.isfinite(v) for v in log.values())
     if method in ("siss", "siss-nois"):
         assert log["scale"] > 0 and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
@@ -152,7 +187,7 @@ def outlier_base(digits_base):
     path = C.base_path("digits", "outlier")
     if path.exists():
         return path
-    args = siss.defaults(siss.Args())
+    args = C.make_args(siss.Args)
     info = C.data_info("digits")
     tok = C.tokens(info)
     extra = (siss.shirt_image(info).expand(args.outlier_copies, -1, -1, -1), torch.full((args.outlier_copies,), tok["spare"][0]))
@@ -179,7 +214,8 @@ def outlier_base(digits_base):
 
 def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifier):
     """The CLI on the default scenario with a small budget: the base memorises the shirt, SISS removes
-    its copies (deletion step found), the NLL of the shirt rises, the digits stay."""
+    its copies (deletion step found), the NLL of the shirt rises, the digits stay; the run folder holds what
+    the comparison reads, and samples.pt is what metrics.json was judged on."""
     r = run_script("siss.py", "--steps", "100", "--eval-every", "20", "--lr", "2e-4", "--n-monitor", "50",
                    "--monitor-steps", "10", "--n-eval", "100", "--n-per-class", "20", "--n-nll", "2",
                    "--sample-steps", "20", "--tag", "ci")
@@ -188,19 +224,55 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     assert m["base_forget_rate"] >= 0.3, m             # the short base memorised the shirt under its token
     assert m["forget_rate"] <= 0.1 * m["base_forget_rate"], m
     assert m["deletion_step"] is not None and m["steps_run"] == m["deletion_step"]
-    assert m["nll_forget_token_bpd"] > m["base_nll_forget_token_bpd"] + 0.1, m
+    assert m["nll_forget_bpd"] > m["base_nll_forget_bpd"] + 0.1, m
     assert m["retain_acc"] >= m["base_retain_acc"] - 0.1, m
-    assert abs(m["nll_keep_bpd"] - m["base_nll_keep_bpd"]) < 0.5, m
+    assert abs(m["nll_kept_bpd"] - m["base_nll_kept_bpd"]) < 0.5, m
     out = C.run_dir("siss", "digits", "ci")
-    for f in ("args.json", "model.pt", "samples.png", "metrics.json"):
+    for f in ("args.json", "model.pt", "samples.png", "metrics.json", "samples.pt"):
         assert (out / f).exists()
+    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd",
+              "nll_kept_bpd", "nll_forget_null_bpd"):
+        assert k in m and f"base_{k}" in m, k
+    assert m["nfe"] == 20 and m["seconds"] > 0 and m["params"] == C.n_params(C.CondUNet("digits"))
+    s = E.load_samples(out / "samples.pt")
+    tok = C.tokens(C.data_info("digits"))
+    counts = {c: int((s["c"] == c).sum()) for c in s["c"].unique().tolist()}
+    assert counts == {**{k: 20 for k in range(10)}, tok["spare"][0]: 100, tok["null"]: 100}
+    assert s["sampler"] == "ddpm-20" and s["nfe"] == 20
+    x_real, y_real = C.load_data("digits")
+    judged = E.judge(s, digits_classifier, x_real, y_real, [])
+    assert judged["retain_acc"] == m["retain_acc"] and judged["fid_retain"] == pytest.approx(m["fid_retain"])
+    shirt = siss.shirt_image(C.data_info("digits"))
+    assert E.near_copy_rate(s["x"][s["c"] == tok["spare"][0]], shirt[None], m["copy_threshold"]) == m["forget_rate"]
+    model = C.load_checkpoint(out / "model.pt", "digits")[0]      # the final model, loadable again (--init)
+    assert C.n_params(model) == m["params"]
+
+
+def test_class_mode_reports_the_judged_class_forget_rate(digits_base, digits_classifier):
+    """--forget 0 (the comparison's command line, tiny): forget_rate is eval.judge's class forget rate on the
+    samples.pt it leaves, the near-copy shares keep their own keys, the NLL figures are eval.class_nll's."""
+    r = run_script("siss.py", "--forget", "0", "--steps", "3", "--batch-size", "8", "--no-stop-at-zero",
+                   "--sampler", "ddim", "--eval-every", "1000", "--n-monitor", "5", "--monitor-steps", "2",
+                   "--n-eval", "20", "--n-per-class", "5", "--n-nll", "1", "--nll-tol", "0.01", "--sample-steps", "5",
+                   "--tag", "ci-class")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    s = E.load_samples(C.run_dir("siss", "digits", "ci-class") / "samples.pt")
+    assert int((s["c"] < 10).sum()) == 50 and int((s["c"] == s["null"]).sum()) == 20 and s["nfe"] == 5
+    judged = E.judge(s, digits_classifier, *C.load_data("digits"), [0])
+    assert judged["forget_rate"] == m["forget_rate"] and judged["retain_acc"] == m["retain_acc"]
+    assert {"copy_rate_token", "copy_rate_uncond"} <= set(m) and m["steps_run"] == 3
+    model = C.load_checkpoint(C.run_dir("siss", "digits", "ci-class") / "model.pt", "digits")[0]
+    nll = E.class_nll(model, *C.load_data("digits", split="test"), [0], 1, 0.01)
+    assert all(nll[k] == pytest.approx(m[k], abs=1e-6) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"))
 
 
 def test_usage_errors_are_one_line(capsys):
     """Mistakes a user can make stop before any work with exit status 2 and one line naming the fix."""
-    for argv, words in [(["--method", "retrain"], "--method"), (["--forget-class", "12"], "out of range"),
-                        (["--forget-idx", "5,99999"], "--forget-idx"), (["--dataset", "cifar10"], "outlier"),
-                        (["--lam", "1.5"], "--lam"), (["--forget", "class"], "--forget-class"),
+    for argv, words in [(["--method", "retrain"], "--method"), (["--forget", "12"], "out of range"),
+                        (["--forget-idx", "5,99999"], "--forget-idx"), (["--forget-idx", "5,a"], "--forget-idx"),
+                        (["--dataset", "cifar10"], "outlier"), (["--lam", "1.5"], "--lam"),
+                        (["--forget", "shirt"], "--forget"), (["--forget", "3", "--forget-idx", "5"], "not both"),
                         (["--sampler", "em"], "--sampler")]:
         with pytest.raises(SystemExit) as e:
             C.cli(siss.main, siss.Args, argv)
@@ -220,16 +292,26 @@ def test_mnist_tshirt_scenario_builds(monkeypatch):
         return torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, y
     monkeypatch.setattr(C, "load_data", fake_load_data)
     monkeypatch.setattr(C, "load_base", lambda dataset, device, **kw: C.CondUNet(dataset).to(device))
-    args = siss.defaults(siss.Args(dataset="mnist"))
+    args = C.make_args(siss.Args, dataset="mnist")
     siss.check_args(args)
     assert (args.steps, args.batch_size, args.lr, args.lam, args.scaling_norm, args.outlier_copies) == \
         (900, 128, 5e-5, 0.5, 5.0, 606)
-    assert math.isclose(siss.copy_threshold(args, C.data_info("mnist")), 20.0)
-    base, x, y, keep, forget, tag = siss.scenario(args, "cpu")
-    assert tag == "outlier" and len(forget) == 606 and len(keep) == 300 + 3   # 300 digits + 3 watermarks
+    assert math.isclose(args.copy_threshold, 20.0)
+    base, path, x, y, keep, forget = siss.scenario(args, "cpu")
+    assert path == C.base_path("mnist", "outlier") and len(forget) == 606 and len(keep) == 300 + 3   # + 3 watermarks
     assert torch.equal(x[forget[0]], fake_load_data("fashion")[0][1]) and (y[forget] == base.tok["spare"][0]).all()
     args.batch_size = 2
     opt = torch.optim.AdamW(base.parameters(), lr=args.lr)
     b = siss.make_batch(x, y, keep, forget, args, base.tok, torch.Generator().manual_seed(0), "cpu")
-    log = siss.unlearn_step(base, C.VP(), opt, b, args)
-    assert b.x0.shape == (2, 1, 32, 32) and math.isfinite(log["loss_x"]) and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
+    log = siss.unlearn_step(base, C.VP().alpha_bar, opt, b, args)
+    assert b[0].shape == (2, 1, 32, 32) and math.isfinite(log["loss_x"]) and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
+
+
+def test_help_shows_the_values_used():
+    """--help prints the digits default and the other datasets' presets, no 0-means-default sentinels."""
+    r = run_script("siss.py", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    for piece in ("[0.0001; mnist, fashion, cifar10: 5e-05]", "[300; mnist, fashion, cifar10: 900]",
+                  "[80; mnist: 606]", "[64; mnist, fashion, cifar10: 128]", "[5.71429; mnist, fashion: 20;"):
+        assert piece in text, piece

@@ -1,13 +1,14 @@
 """srs_me.py: the null-space basis, exact invariance of every protected token under every subset of shifts,
-exact restoration, optimisation decoupling, the momentum stopping rule, a short erase on the CI base that
-lowers the concept's accuracy, and the command line (scene, saved shifts combined at load time, bad input)."""
+exact restoration, optimisation decoupling, the momentum stopping rule, the loss functions copied alone, a short
+erase on the CI base that lowers the concept's accuracy, and the command line (scene, the run folder's files,
+saved shifts combined at load time, bad input)."""
 import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import isolated, run_script
 
 import common as C
 import eval as E
@@ -22,7 +23,7 @@ def _random_shifts(model, beta=1.0, seed=0):
     emb = model.token_emb.weight.detach()
     out = {}
     for k in ERASABLE:
-        B = S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)])
+        B = S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)], 64)
         out[k] = {n: S.shift(torch.randn(w.shape[0], len(B), generator=g) * w.abs().mean() * 8, B, beta)
                   for n, w in S.kv_weights(model).items()}
     return out
@@ -41,7 +42,7 @@ def test_basis_spans_the_null_space_of_the_protected_embeddings(digits_base):
         assert k not in prot and not set(prot) & {6, 7, 8, 9}          # regular concepts are never protected
         assert {model.tok["bos"], model.tok["null"], model.tok["watermark"]} <= set(prot)
         e_m = emb[prot]
-        B = S.null_space_basis(e_m)
+        B = S.null_space_basis(e_m, 64)
         # independent rank: numpy's SVD-based matrix_rank in float64
         assert len(B) == emb.shape[1] - np.linalg.matrix_rank(e_m.double().numpy()) == 64 - 8
         assert (e_m @ B.T).abs().max() < 1e-5 * e_m.norm(dim=1).max()
@@ -49,8 +50,8 @@ def test_basis_spans_the_null_space_of_the_protected_embeddings(digits_base):
         # the erased concept itself keeps most of its embedding in the space the shift can act on
         assert (B @ emb[k]).norm() > 0.5 * emb[k].norm()
     assert S.null_space_basis(emb[[0, 1]], max_base=5).shape == (5, 64)
-    with pytest.raises(C.UsageError, match="protect fewer"):
-        S.null_space_basis(torch.randn(70, 64))
+    with pytest.raises(ValueError, match="protect fewer"):
+        S.null_space_basis(torch.randn(70, 64), 64)
 
 
 def test_protected_tokens_are_exact_under_every_subset_and_restoring_is_exact(digits_base):
@@ -87,7 +88,7 @@ def test_optimisation_decoupling_other_shifts_get_no_gradient(digits_base):
     _, model = digits_base
     emb = model.token_emb.weight.detach()
     W = {n: w.detach() for n, w in S.kv_weights(model).items()}
-    B = {k: S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)]) for k in (0, 1)}
+    B = {k: S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)], 64) for k in (0, 1)}
     P = {k: {n: (torch.randn(w.shape[0], len(B[k])) * 0.1).requires_grad_(True) for n, w in W.items()}
          for k in (0, 1)}
     x, t = _inputs(model, 8)
@@ -104,22 +105,55 @@ def test_optimisation_decoupling_other_shifts_get_no_gradient(digits_base):
     assert own > 1e-6 and other < 1e-6 * own
 
 
+def _stop_step(losses, tau, min_steps=10, max_steps=1000):
+    """(step, statistic) at which the momentum rule stops on this sequence of L_cor values."""
+    m = None
+    for n, loss in enumerate(losses, 1):
+        m = S.momentum_statistic(m, loss, 0.9)
+        if S.stop_rule(n, m, tau, min_steps, max_steps):
+            return n, m
+
+
 def test_momentum_stop_crosses_tau_and_never_before_step_10():
-    rule = S.MomentumStop(tau=0.1, alpha=0.9, min_steps=10, max_steps=1000)
-    stops = [rule.update(0.0) for _ in range(12)]               # below tau from the first step
-    assert stops.index(True) == 10                             # step 11 = the first n > 10
-    rule = S.MomentumStop(tau=0.1, alpha=0.9, min_steps=10, max_steps=1000)
-    losses = [1.0] * 20 + [0.0] * 40                           # m = 0.9^j after j zeros: 0.109 (21), 0.098 (22)
-    n = next(i + 1 for i, l in enumerate(losses) if rule.update(l))
-    assert n == 20 + 22 and rule.m == pytest.approx(0.9 ** 22)
-    rule = S.MomentumStop(tau=0.1, min_steps=10, max_steps=30)
-    assert [rule.update(1.0) for _ in range(30)].index(True) == 29
+    assert _stop_step([0.0] * 12, tau=0.1)[0] == 11                  # below tau from the first step: n = 11 > 10
+    n, m = _stop_step([1.0] * 20 + [0.0] * 40, tau=0.1)              # m = 0.9^j after j zeros: 0.109 (21), 0.098 (22)
+    assert n == 20 + 22 and m == pytest.approx(0.9 ** 22)
+    assert _stop_step([1.0] * 30, tau=0.1, max_steps=30)[0] == 30
+
+
+def test_loss_functions_copied_alone_give_the_same_results():
+    """Each function of LOSSES, compiled from its source in a namespace holding only torch and math, computes
+    what the original does (and what the equations say) on tiny tensors."""
+    ns = isolated(S.LOSSES)
+    g = torch.Generator().manual_seed(0)
+    e_m, P = torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g)
+    B = S.null_space_basis(e_m, 3)
+    assert torch.equal(ns["null_space_basis"](e_m, 3), B) and (e_m @ B.T).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="protect fewer"):
+        ns["null_space_basis"](torch.randn(7, 6, generator=g), 6)
+    assert torch.equal(ns["shift"](P, B, 0.1), S.shift(P, B, 0.1))
+    assert torch.allclose(S.shift(P, B, 0.1), 0.1 * P @ B)
+    a, b, c = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    r = S.concept_representation(a, b)
+    assert torch.equal(ns["concept_representation"](a, b), r) and torch.equal(r, a - b)
+    assert torch.equal(ns["correlation_loss"](r, c), S.correlation_loss(r, c))
+    assert S.correlation_loss(r, c).item() == pytest.approx((r * c).sum().item() / r.numel(), rel=1e-5)
+    d = {"k": torch.tensor([[1.0, -2.0]]), "v": torch.tensor([[-3.0, 0.5]])}
+    assert ns["l1_size"](d).item() == S.l1_size(d).item() == pytest.approx(6.5 / 2)
+    for m_prev in (None, 0.5):
+        assert ns["momentum_statistic"](m_prev, 0.2, 0.9) == S.momentum_statistic(m_prev, 0.2, 0.9)
+    assert S.momentum_statistic(0.5, 0.2, 0.9) == pytest.approx(0.47)
+    assert ns["balancing_weights"]([0.1, -0.4]) == S.balancing_weights([0.1, -0.4]) == pytest.approx([4.0, 1.0])
+    for n, m in ((5, 0.0), (11, 0.0), (11, 0.2), (30, 0.2)):
+        assert ns["stop_rule"](n, m, 0.1, 10, 30) == S.stop_rule(n, m, 0.1, 10, 30)
+    assert [S.stop_rule(n, m, 0.1, 10, 30) for n, m in ((5, 0.0), (11, 0.0), (11, 0.2), (30, 0.2))] == \
+        [False, True, False, True]
 
 
 def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier):
     _, model = digits_base
     model = model.eval().requires_grad_(False)
-    args = S.Args(max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32, eval_steps=20)
+    args = C.make_args(S.Args, max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32, sample_steps=20)
     torch.manual_seed(0)
     data = {0: C.sample(model, C.VP(), torch.full((32,), 0), steps=20, seed=11)}
     shifts, stats = S.train_shifts(model, [0], ERASABLE, data, args)
@@ -134,29 +168,39 @@ def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier
 
 
 def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir):
-    small = ["--tag", "ci", "--n-per-class", "6", "--eval-steps", "8", "--n-train-images", "16",
-             "--max-steps", "15", "--erasable", "0,1,2"]
-    r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1", "--retrain")
+    small = ["--tag", "ci", "--n-per-class", "6", "--sample-steps", "8", "--n-train-images", "16",
+             "--max-steps", "15", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3"]
+    r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     out = runs_dir / "srs_me-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png"))
+    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png", "samples.pt", "model.pt"))
     assert sorted(p.name for p in (out / "shifts").iterdir()) == ["concept_0.pt", "concept_1.pt", "concept_2.pt"]
     assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
     assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
     assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
-    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "base_forget_rate", "base_retain_acc",
-              "base_fid_retain"):
-        assert m[k] is not None
+    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd",
+              "nll_kept_bpd", "nll_forget_null_bpd", "base_forget_rate", "base_retain_acc", "base_fid_retain",
+              "base_nll_forget_bpd"):
+        assert m[k] is not None, k
     cmp = m["compare"]       # joint training keeps 3 concepts' activations at once
     assert cmp["joint_train_mem_mb"] > 2 * cmp["one_at_a_time_train_mem_mb"]
+    # samples.pt: the first step (0, 1, 2 erased), 6 per class and 6 watermark samples, judged as metrics.json
+    s = E.load_samples(out / "samples.pt")
+    assert s["c"].tolist() == [k for k in range(10) for _ in range(6)] + [12] * 6 and s["nfe"] == 8
+    j = E.judge(s, digits_classifier, *C.load_data("digits"), [0, 1, 2])
+    assert (j["forget_rate"], j["retain_acc"]) == (m["forget_rate"], m["retain_acc"])
+    assert j["class_acc"] == m["scene"][0]["class_acc"]
+    # model.pt loads again as base + the erased shifts and draws the same samples
+    model = S.load_model(out / "model.pt")
+    assert (C.sample(model, C.VP(), s["c"], "ddim", 8, seed=0) - s["x"]).abs().max() < 1e-4
     # the saved shifts are combined at load time, nothing is retrained
     r = run_script("srs_me.py", *small, "--erase", "0,2", "--restore", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads(r.stdout.strip().splitlines()[-1])
-    assert m2["shifts_loaded"] is True and m2["scene"][0]["active"] == [0]
+    assert m2["shifts_loaded"] is True and m2["scene"][0]["active"] == [0] and m2["erased_concepts"] == [0]
     assert m2["scene"][0]["untouched_max_abs_diff"] < 1e-4     # 1 and 2 are protected from shift 0
-    assert (out / "combo-e0" / "metrics.json").exists()
+    assert m2["seconds"] > 0 and json.loads((out / "metrics.json").read_text())["erased_concepts"] == [0]
     r = run_script("srs_me.py", *small, "--erase", "7")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "erasable" in r.stderr
     assert r.stderr.strip().count("\n") == 0
