@@ -11,9 +11,8 @@ the paper solves one bilevel problem for the student S = S_theta:
     L_ft = MSE(S(x_t, t, y), eps) + 2 MSE(S(x_t, t, y), T(x_t, t, y)) + 0.1 mean_b MSE(S_b, T_b)   (b: UNet blocks)
     L_CU = MSE(S(x_t, t, c*), T(x_t, t, null) - eta (T(x_t, t, c*) - T(x_t, t, null)))          (ESD's target)
 
-with a lower (L_ft) step every iteration and an upper (L_CU) step every K-th. Here the concept c* is a class; the
-pruning is structured (ResNet inner groups, attention heads, feed-forward groups), so the student is smaller and
-faster.
+with a lower (L_ft) step every iteration and an upper (L_CU) step every K-th. Here the concept c* is a class, and the
+structured pruning (ResNet inner groups, attention heads, feed-forward groups) makes a smaller, faster student.
 
     python bilevel_prune.py                                      # digits, forget class 0, keep ~55% of the MACs
     python bilevel_prune.py --forget 3 --keep 0.8                # the paper's larger budget
@@ -28,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -88,8 +87,7 @@ def negative_guidance_target(teacher, x_t, t, c, null: int, eta: float = 1.0):
     return e_null - eta * (e_c - e_null)
 
 
-def lower_loss(eps_s, eps_t, noise, feats_s, feats_t, w_diff: float = 1.0, w_out: float = 2.0,
-               w_feat: float = 0.1):
+def lower_loss(eps_s, eps_t, noise, feats_s, feats_t, w_diff=1.0, w_out=2.0, w_feat=0.1):
     """L_ft (official UnetFineTuner.step): w_diff MSE(S, eps) + w_out MSE(S, T) + w_feat mean_b MSE(S_b, T_b),
     from the student's and the frozen teacher's outputs on the same x_t, t, y and their block outputs (every
     down block, the mid block, every up block). The official Min-SNR weighting of the first term is left out:
@@ -190,21 +188,17 @@ def prune_plan(model, keep: float, measure: str = "macs") -> dict:
     """Greedy global magnitude pruning, a cheap stand-in for the learned APTP architecture the official code loads:
     rank every unit by its magnitude relative to its layer's mean, drop the weakest (one unit stays per layer)
     until the MACs (or parameters) are at most `keep` x the teacher's. {module name: sorted kept units}"""
-    units = prunable_units(model.unet)
-    total, macs = count_macs(model)
+    units, (total, macs) = prunable_units(model.unet), count_macs(model)
     total = C.n_params(model) if measure == "params" else total
     cand, kept = [], {}
     for name, (kind, n) in units.items():
         m = model.unet.get_submodule(name)
-        mag = unit_magnitude(kind, m, n)
-        cost = unit_cost(kind, name, m, n, macs, measure)
+        mag, cost = unit_magnitude(kind, m, n), unit_cost(kind, name, m, n, macs, measure)
         cand += [(float(mag[u] / mag.mean()), name, u, cost) for u in range(n)]
         kept[name] = set(range(n))
     full, budget = total, keep * total
     for score, name, u, cost in sorted(cand):
-        if total <= budget:
-            break
-        if len(kept[name]) > 1:
+        if total > budget and len(kept[name]) > 1:
             kept[name].discard(u)
             total -= cost
     if total > budget + 1e-6:
@@ -266,8 +260,7 @@ def load_student(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------------------
 
 def with_blocks(model, x_t, t, c) -> tuple:
-    """model(x_t, t, c) and the outputs of every down block, the mid block and every up block (the official KD
-    blocks, caught by forward hooks as the official cast_block_act_hooks does)."""
+    """model(x_t, t, c) and the outputs of every down, mid and up block (official cast_block_act_hooks)."""
     feats, u = [], model.unet
     hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o[0] if isinstance(o, tuple) else o))
              for b in [*u.down_blocks, u.mid_block, *u.up_blocks]]
@@ -283,18 +276,23 @@ def noised(x0, vp):
     return vp.q_sample(x0, t, noise), t, noise
 
 
-def train(args: Args, teacher, student, x_keep, y_keep, x_concept, dev) -> dict:
+def train(args: Args, out, teacher, student, x_keep, y_keep, x_concept, dev) -> dict:
     """The official schedule (BilevelUnetFineTuner.train): one student, two AdamW optimisers; every iteration a
     lower step on L_ft, every K-th also an upper step on L_CU. The paper's penalty form min_theta max_vartheta
     L_CU(theta) + lam (L_ft(theta) - L_ft(vartheta)), lam = 100, has the theta-gradient grad L_CU + lam grad L_ft
     (L_ft(vartheta) does not depend on theta): alternating descent with a fixed balance, which the official code
-    sets by the lr ratio (5x) and K = 10. We keep its alternation and lr ratio but run the paper's K = 20."""
+    sets by the lr ratio (5x) and K = 10. We keep its alternation and lr ratio but run the paper's K = 20.
+    Resumable: out/resume.pt every save_every steps; a rerun with the same arguments continues."""
     vp, null = C.VP(), teacher.tok["null"]
     adamw = lambda lr: torch.optim.AdamW(student.parameters(), lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     opt_low, opt_up = adamw(args.lr), adamw(args.lr * args.lr_up_mult)
     c_star = torch.full((args.batch_size,), args.forget, device=dev)
     log = {"l_ft": [], "l_cu": []}
-    for step in (bar := tqdm(range(args.steps), desc=f"{args.schedule} (keep {args.keep:.2f})")):
+    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, student=student, opt_low=opt_low,
+                      opt_up=opt_up, log=log)
+    start = resume.load()
+    bar = tqdm(range(start, args.steps), f"{args.schedule} (keep {args.keep:.2f})", args.steps, initial=start)
+    for step in bar:
         idx = torch.randint(len(x_keep), (args.batch_size,))
         c = torch.where(torch.rand(len(idx)) < args.p_null, null, y_keep[idx]).to(dev)   # label dropout
         opt_low.param_groups[0]["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)  # constant with warm-up
@@ -321,6 +319,8 @@ def train(args: Args, teacher, student, x_keep, y_keep, x_concept, dev) -> dict:
             l_cu = f"{np.mean(log['l_cu'][-10:]):.4f}" if log["l_cu"] else "-"
             tqdm.write(f"step {step + 1:>6}  l_ft {np.mean(log['l_ft'][-100:]):.4f}  l_cu {l_cu}  "
                        f"{bar.format_dict['elapsed']:.0f}s")
+        resume.save(step + 1)
+    resume.finish()
     if args.schedule == "two-stage":
         log["l_esd"] = esd(args, student, dev)
     return log
@@ -417,10 +417,10 @@ def main(args: Args):
     C.check_class(C.data_info(args.dataset), args.forget, "--forget class")
     if args.schedule not in ("bilevel", "two-stage", "distill-only"):
         raise C.UsageError(f"unknown --schedule {args.schedule!r}: use bilevel, two-stage or distill-only")
-    if not 0 < args.keep <= 1:
-        raise C.UsageError(f"--keep {args.keep} must be a share of the teacher's MACs in (0, 1], e.g. 0.55")
-    if min(args.steps, args.upper_every, args.batch_size, args.esd_batch, args.n_per_class) < 1:
-        raise C.UsageError("--steps, --upper-every, --batch-size, --esd-batch and --n-per-class must be positive")
+    if min(args.steps, args.upper_every, args.batch_size, args.esd_batch, args.n_per_class) < 1 or \
+            not 0 < args.keep <= 1:
+        raise C.UsageError("--steps, --upper-every, --batch-size, --esd-batch, --n-per-class must be positive and "
+                           "--keep a share of the teacher's MACs in (0, 1], e.g. 0.55")
     dev = C.pick_device(args.device)
     teacher = C.load_base(args.dataset, dev, root=args.data_root).eval().requires_grad_(False)
     clf = E.load_judge(args, dev)
@@ -430,12 +430,12 @@ def main(args: Args):
     out = C.start_run("bilevel_prune", args)
     x, y = C.load_data(args.dataset, args.data_root, "train")
     x_keep, y_keep, x_concept = x[y != args.forget], y[y != args.forget], x[y == args.forget]
-    macs = count_macs(student)[0] / count_macs(teacher)[0]
-    print(f"student: {C.n_params(student) / C.n_params(teacher):.1%} of the teacher's parameters, {macs:.1%} of its "
-          f"MACs; units kept per layer {list(map(len, plan.values()))}")
+    share = C.n_params(student) / C.n_params(teacher), count_macs(student)[0] / count_macs(teacher)[0]
+    print(f"student: {share[0]:.1%} of the teacher's parameters, {share[1]:.1%} of its MACs; units kept per layer "
+          f"{list(map(len, plan.values()))}")
 
     t0, p0 = time.time(), time.process_time()
-    log = train(args, teacher, student, x_keep, y_keep, x_concept, dev)
+    log = train(args, out, teacher, student, x_keep, y_keep, x_concept, dev)
     seconds, cpu_seconds = time.time() - t0, time.process_time() - p0
     student.eval().requires_grad_(False)
     C.atomic_save({"config": student.config, "plan": plan, "step": args.steps, "model": student.state_dict(),

@@ -98,8 +98,7 @@ class Args(C.RunArgs):
 # ----------------------------------------------------------------------------------------------------------
 
 def shirt_image(info: C.DataInfo, root: str = "data") -> torch.Tensor:
-    """The outlier: an 8x8 T-shirt silhouette for digits (the nearest training digit is 7.33 away in [-1, 1]
-    units); for MNIST Fashion-MNIST train image 1, the T-shirt of the official benchmark."""
+    """The outlier: for digits an 8x8 T-shirt (7.33 from the nearest digit), for MNIST Fashion-MNIST image 1."""
     if info.size == 8:      # row by row from the top, X white
         rows = ".XX..XX. XXXXXXXX XXXXXXXX ..XXXX.. ..XXXX.. ..XXXX.. ..XXXX.. ..XXXX..".split()
         return torch.tensor([[1.0 if ch == "X" else -1.0 for ch in r] for r in rows])[None]
@@ -314,22 +313,24 @@ def copy_rates(model, ctx: dict, args: Args, n: int, steps: int, seed: int):
     return rate(xs[:n]), rate(xs[n:]), xs, c
 
 
-def unlearn(model, clf, data, ctx: dict, args: Args, device):
+def unlearn(model, clf, data, ctx: dict, args: Args, device, out):
     """The unlearning loop; every eval_every steps the copy rates on n_monitor samples per condition and the
-    retain accuracy of 10 samples per class (the curve), stopping at the deletion step if asked."""
-    x, y, keep, forget = data
+    retain accuracy of 10 samples per class (the curve), stopping at the deletion step if asked. Resumable:
+    out/resume.pt every save_every steps, and a rerun with the same arguments continues from it."""
     C.seed_everything(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     alpha_bar = C.VP().alpha_bar.to(device, torch.float32 if device.type == "mps" else torch.float64)
     model.train().requires_grad_(True)   # the base's EMA weights; no EMA while unlearning (official)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    curve, logs, deletion_step, t0 = [], [], None, time.time()
-    bar = C.tqdm(range(1, args.steps + 1), desc=args.method)
-    for step in bar:
-        logs.append(unlearn_step(model, alpha_bar, opt, make_batch(x, y, keep, forget, args, model.tok, gen, device),
-                                 args))
+    curve, logs, state, t0 = [], [], {"deletion_step": None}, time.time()
+    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model, opt=opt, gen=gen, curve=curve,
+                      logs=logs, state=state)
+    step = start = resume.load()
+    for step in (bar := C.tqdm(range(start + 1, args.steps + 1), args.method, args.steps, initial=start)):
+        logs.append(unlearn_step(model, alpha_bar, opt, make_batch(*data, args, model.tok, gen, device), args))
         bar.set_postfix(gnorm=f"{logs[-1]['gnorm']:.2f}")
         if step % args.eval_every and step < args.steps:
+            resume.save(step)
             continue
         tr, nr, _, _ = copy_rates(model, ctx, args, args.n_monitor, args.monitor_steps, 1234)
         cc = C.class_tokens(model.info.num_classes, 10)
@@ -338,14 +339,15 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device):
         curve.append(dict(step=step, copy_rate=tr, copy_rate_uncond=nr, retain_acc=ra, seconds=time.time() - t0))
         C.tqdm.write(f"step {step:4d}  copies: forget token {tr:.3f}  null {nr:.3f}  retain {ra:.2f}  |g_x| "
                      f"{logs[-1].get('gnorm_x', 0):.2f}  {time.time() - t0:.0f}s")
-        if deletion_step is None and tr == 0 and nr == 0:
-            deletion_step = step
-            if args.stop_at_zero:
-                break
+        if state["deletion_step"] is None and tr == 0 and nr == 0:
+            state["deletion_step"] = step
+        resume.save(step)
+        if args.stop_at_zero and state["deletion_step"] == step:
+            break
+    resume.finish()
     gx = [v["gnorm_x"] for v in logs if "gnorm_x" in v]
-    return model.eval().requires_grad_(False), {
-        "seconds": time.time() - t0, "steps_run": step, "deletion_step": deletion_step, "curve": curve,
-        "grad_norm_keep_mean": sum(gx) / len(gx) if gx else None}
+    return model.eval().requires_grad_(False), {"seconds": time.time() - t0, "steps_run": step, "curve": curve,
+                                                "grad_norm_keep_mean": sum(gx) / len(gx) if gx else None, **state}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,15 +373,13 @@ def nll_figures(model, ctx: dict, args: Args) -> dict:
     xk, ck = ctx["x_test"][:args.n_nll], ctx["y_test"][:args.n_nll]
     bpd = E.model_nll(model, torch.cat([xf, xk, xf]), torch.cat([cf, ck, torch.full_like(cf, model.tok["null"])]),
                       rtol=args.nll_tol, atol=args.nll_tol)
-    f, k = len(xf), len(xk)
-    return {"nll_forget_bpd": float(bpd[:f].mean()), "nll_kept_bpd": float(bpd[f:f + k].mean()),
-            "nll_forget_null_bpd": float(bpd[f + k:].mean())}
+    f, k, f0 = bpd[:len(xf)], bpd[len(xf):len(xf) + len(xk)], bpd[len(xf) + len(xk):]
+    return {"nll_forget_bpd": float(f.mean()), "nll_kept_bpd": float(k.mean()), "nll_forget_null_bpd": float(f0.mean())}
 
 
 def evaluate(model, clf, ctx: dict, args: Args):
-    """Every final figure of one model: near-copy rates on n_eval samples per condition, retain accuracy / FID on
-    n_per_class per class (E.evaluate_model, the comparison's judge), the NLL figures. Returns (metrics, the
-    samples for samples.pt: per class, then the forget token (outlier / idx mode), then the null token)."""
+    """Every final figure of one model: near-copy rates of n_eval samples per condition, E.evaluate_model's class
+    figures, NLL. Returns (metrics, samples.pt's samples: per class, the forget token (not in class mode), null)."""
     t0 = time.time()
     tok_rate, null_rate, xs, c = copy_rates(model, ctx, args, args.n_eval, args.sample_steps, 1234 + args.seed)
     m, s = E.evaluate_model(model, clf, args, ctx["classes"], args.sampler, nll=False)
@@ -427,7 +427,7 @@ def main(args: Args):
     base_m, base_s = evaluate_base(base, base_path, clf, ctx, args)
 
     model = C.load_checkpoint(args.init, args.dataset, device)[0] if args.init else base
-    model, log = unlearn(model, clf, (x, y, keep, forget), ctx, args, device)
+    model, log = unlearn(model, clf, (x, y, keep, forget), ctx, args, device, out)
     C.save_checkpoint(out / "model.pt", model, log["steps_run"], args=asdict(args))
 
     res_m, res_s = evaluate(model, clf, ctx, args)

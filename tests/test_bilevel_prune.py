@@ -170,6 +170,39 @@ def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digi
     assert torch.equal(loaded(x, t, c), s(x, t, c)) and C.n_params(loaded) == res["params_student"]
 
 
+def test_interrupted_training_resumes_to_the_same_weights(net, tmp_path, monkeypatch):
+    """Interrupted at its third upper step (step 6) with a checkpoint every 4 steps, a rerun with the same
+    arguments continues from step 4 with the saved optimisers and RNG streams and ends bit for bit where an
+    uninterrupted run ends."""
+    args = C.make_args(B.Args, steps=8, save_every=4, upper_every=2, batch_size=4, warmup=2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.randint(1, 10, (40,), generator=g)
+    plan = B.prune_plan(net, 0.8)
+
+    def run(out):
+        torch.manual_seed(0)
+        student = B.apply_plan(net, plan).train().requires_grad_(True)
+        B.train(args, out, net, student, x, y, x[:8], torch.device("cpu"))
+        return student.state_dict()
+    whole = run(tmp_path / "whole")
+    real, calls = B.upper_loss, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(B, "upper_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(B, "upper_loss", real)
+    assert torch.load(tmp_path / "cut" / "resume.pt", weights_only=False)["step"] == 4
+    resumed = run(tmp_path / "cut")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole) and not (tmp_path / "cut" / "resume.pt").exists()
+    moved = B.apply_plan(net, plan).state_dict()
+    assert any(not torch.equal(whole[k], moved[k]) for k in whole)   # and training did move the student
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--keep", "0.1"], "out of reach"),
     (["--schedule", "three-stage"], "unknown --schedule"),

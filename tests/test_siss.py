@@ -178,6 +178,41 @@ def test_every_method_takes_steps(method, digits_base):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_interrupted_unlearning_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupted in step 5 with a checkpoint every 2 steps, a rerun with the same arguments continues from step
+    4 with the saved optimiser, batch generator, curve and RNG streams and ends with the weights, bit for bit, and
+    the curve of an uninterrupted run (a random network and a stand-in judge: only the loop is under test)."""
+    args = C.make_args(siss.Args, steps=6, batch_size=4, save_every=2, eval_every=3, n_monitor=3, monitor_steps=2,
+                       stop_at_zero=False)
+    x, y = C.training_set("digits")
+    data, clf = (x, y, torch.arange(0, 100), torch.arange(100, 110)), torch.nn.Sequential(torch.nn.Flatten(),
+                                                                                          torch.nn.Linear(64, 10))
+    ctx = dict(tokens=torch.tensor([3]), x_forget=x[100:101])
+
+    def run(out):
+        torch.manual_seed(0)
+        return siss.unlearn(C.CondUNet("digits"), clf, data, ctx, args, torch.device("cpu"), out)
+    whole, log = run(tmp_path / "whole")
+    real, calls = siss.unlearn_step, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(siss, "unlearn_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "resume.pt", weights_only=False)["step"] == 4
+    calls.clear()
+    resumed, log2 = run(tmp_path / "cut")
+    assert len(calls) == 2 and not (tmp_path / "cut" / "resume.pt").exists()
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda curve: [{k: v for k, v in p.items() if k != "seconds"} for p in curve]
+    assert strip(log2["curve"]) == strip(log["curve"]) and [p["step"] for p in log["curve"]] == [3, 6]
+
+
 # ------------------------------------------------------------------------------------------ the default scenario
 
 @pytest.fixture(scope="session")
