@@ -200,7 +200,11 @@ def feature_stats(f: np.ndarray):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def fid(clf, x_a, x_b) -> float:
+def fid(clf, x_a, x_b) -> float | None:
+    """FID between two image sets; None where it is undefined: a set of fewer than 2 images (no covariance) or
+    one holding a non-finite image (a diverged model), so a table shows "-" instead of a crash."""
+    if min(len(x_a), len(x_b)) < 2 or not (torch.isfinite(x_a).all() and torch.isfinite(x_b).all()):
+        return None
     return frechet_distance(*feature_stats(features(clf, x_a)), *feature_stats(features(clf, x_b)))
 
 

@@ -161,6 +161,17 @@ def test_frechet_distance_identity_and_mean_shift():
     assert E.frechet_distance(mu + d, sig, mu, sig) == pytest.approx((d ** 2).sum(), rel=1e-6, abs=1e-6)
 
 
+def test_fid_is_none_where_undefined_not_a_crash(digits_classifier):
+    x = C.load_data("digits")[0][:20]
+    assert E.fid(digits_classifier, x[:1], x) is None and E.fid(digits_classifier, x, x[:0]) is None
+    bad = x.clone()
+    bad[3] = float("nan")
+    assert E.fid(digits_classifier, bad, x) is None
+    assert E.fid(digits_classifier, x[:10], x[10:]) > 0                                        # defined otherwise
+    m = E.sample_metrics(digits_classifier, x[:1], torch.tensor([3]), x, C.load_data("digits")[1][:20])
+    assert m["fid_retain"] is None and m["retain_acc"] in (0.0, 1.0)
+
+
 def test_inception_score_bounds():
     assert E.inception_score(torch.eye(10)) == pytest.approx(10.0, rel=1e-6)
     assert E.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1.0, rel=1e-6)
@@ -193,6 +204,17 @@ def test_missing_torchvision_dataset_says_where_to_put_it(tmp_path, monkeypatch)
     (["common.py", "--dataset", "svhn"], "unknown dataset"),
     (["eval.py", "--forget", "12"], "out of range"),
     (["eval.py", "--ckpt", "nowhere.pt"], "no checkpoint"),
+    (["common.py", "--device", "gpu"], "unknown --device 'gpu'"),
+    (["common.py", "--steps", "-5"], "--steps -5: must not be negative"),
+    (["msgm.py", "--steps", "-3"], "--steps -3: must not be negative"),
+    (["siss.py", "--lr", "inf"], "--lr inf: must be a finite number"),
+    (["common.py", "--lr", "nan"], "--lr nan: must be a finite number"),
+    (["srs_me.py", "--batch-size", "-1"], "must not be negative"),
+    (["eval.py", "--n-per-class", "0"], "--n-per-class 0: must be positive"),
+    (["eval.py", "--sample-steps", "0"], "--sample-steps 0: must be positive"),
+    (["sfd.py", "--device", "cuda"] if not torch.cuda.is_available() else ["sfd.py", "--device", "tpu"], "--device"),
+    (["siss.py", "--device", "mps"] if not torch.backends.mps.is_available() else ["siss.py", "--device", "x"],
+     "--device"),
 ])
 def test_bad_input_is_one_line_error(argv, message, runs_dir):
     before = sorted(p for p in runs_dir.rglob("*"))
@@ -200,6 +222,41 @@ def test_bad_input_is_one_line_error(argv, message, runs_dir):
     assert r.returncode == 2 and message in r.stderr
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
     assert sorted(p for p in runs_dir.rglob("*")) == before
+
+
+def test_diverged_training_is_an_error_and_caches_nothing(runs_dir):
+    r = run_script("common.py", "--force", "--lr", "1e6", "--steps", "30", "--tag", "diverged")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: training diverged at step")
+    assert not C.base_path("digits", "diverged").exists()
+
+
+@pytest.mark.parametrize("script", ["common.py", "eval.py", "msgm.py", "sfd.py", "srs_me.py", "siss.py",
+                                    "bilevel_prune.py"])
+def test_every_entry_point_prints_its_help(script):
+    r = run_script(script, "--help")
+    assert r.returncode == 0 and "--seed" in r.stdout and "examples:" in r.stdout, r.stderr[-1500:]
+
+
+def test_two_savers_of_one_path_never_collide(tmp_path):
+    """Each save writes its own temporary file: two threads saving the same checkpoint 50 times each all
+    succeed (with one shared temporary name, one rename finds its file taken by the other), and the file
+    left behind is whole."""
+    import threading
+    path, errors = tmp_path / "m.pt", []
+
+    def saver(value):
+        for _ in range(50):
+            try:
+                C.atomic_save({"w": torch.full((256, 256), float(value))}, path)
+            except Exception as e:   # noqa: BLE001 (collected and reported below)
+                errors.append(e)
+    threads = [threading.Thread(target=saver, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w = torch.load(path)["w"]
+    assert not errors and w.unique().numel() == 1 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
