@@ -299,13 +299,14 @@ def guided(model, c, guidance: float = 1.0, null: int | None = None):
 
 @torch.no_grad()
 def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-           seed: int = 0, batch: int = 1000, progress: bool = False, amp: bool = False) -> torch.Tensor:
+           seed: int = 0, batch: int = 1000, progress: bool = True, amp: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
     ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps
     if `steps` is 0, else `steps` strided ones as DDPMPipeline(num_inference_steps=steps)).
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step.
-    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32)."""
+    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32). progress: a bar of network
+    calls, shown once sampling has taken 3 seconds."""
     if sampler not in ("ddim", "ddpm", "em"):
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
     was_training = model.training
@@ -313,14 +314,17 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     dev = next(model.parameters()).device
     info = model.info
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
-    for c_b in tqdm(c.split(batch), desc=f"sampling ({sampler})", disable=not progress, leave=False):
+    out, n_steps = [], len(vp.ddpm_timesteps(steps)) if sampler == "ddpm" else steps
+    bar = tqdm(total=math.ceil(len(c) / batch) * n_steps, desc=f"sampling {len(c)} images ({sampler} {steps})",
+               unit="step", delay=3, leave=False, disable=not progress)
+    for c_b in c.split(batch):
         c_b = c_b.to(dev)
         shape = (len(c_b), info.channels, info.size, info.size)
         x = torch.randn(shape, generator=g).to(dev)
         net = guided(model, c_b, guidance, model.tok["null"])
 
         def eps(x, t):
+            bar.update()
             with autocast(dev, amp):
                 return net(x, t).float()
         if sampler == "ddpm":
@@ -345,6 +349,7 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
                 if i < steps - 1:
                     x = x + math.sqrt(b * dt) * torch.randn(shape, generator=g).to(dev)
         out.append(x.clamp(-1, 1).cpu())
+    bar.close()
     model.train(was_training)
     return torch.cat(out)
 

@@ -272,7 +272,9 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
     if dequantize:
         x = x + (torch.rand(shape, generator=g) - 0.5) * (2 / bins)
     probe = torch.randint(0, 2, shape, generator=g).float() * 2 - 1
-    dev = next(iter(getattr(eps_fn, "parameters", lambda: iter([torch.empty(0)]))())).device
+    params = eps_fn.parameters() if hasattr(eps_fn, "parameters") else iter(())
+    dev = next(params, torch.empty(0)).device       # a function or a module without parameters: the CPU
+    bar = C.tqdm(total=100, desc=f"likelihood ODE, {B} images", unit="% of t", delay=3, leave=False)
 
     def drift(xs, t):
         tt = torch.full((B,), t, device=xs.device)
@@ -280,6 +282,7 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
         return -0.5 * vp.beta(t) * (xs - eps_fn(xs, tt) / sigma)
 
     def rhs(t, state):
+        bar.update(max(0, int(100 * (t - t_eps) / (1 - t_eps)) - bar.n))   # how far the solve has come in t
         xs = torch.tensor(state[:-B], dtype=torch.float32, device=dev).view(shape).requires_grad_(True)
         with torch.enable_grad():
             f = drift(xs, t)
@@ -294,6 +297,7 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
 
     init = np.concatenate([x.flatten().double().numpy(), np.zeros(B)])
     sol = solve_ivp(rhs, (t_eps, 1.0), init, rtol=rtol, atol=atol, method="RK45")
+    bar.close()
     z, delta_logp = sol.y[:-B, -1].reshape(B, D), sol.y[-B:, -1]
     prior_logp = -0.5 * D * np.log(2 * np.pi) - 0.5 * (z ** 2).sum(1)
     offset = math.log2(bins / 2) if bins else 0.0

@@ -127,6 +127,16 @@ def test_nll_hutchinson_reproduces_gaussian_density_on_average():
     assert abs(bpd - _gaussian_bpd(x, s).mean()) < 0.05
 
 
+def test_nll_takes_a_module_without_parameters_like_a_function():
+    class Zero(torch.nn.Module):   # no parameters: the device cannot come from them
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = E.nll_bpd(Zero(), x, C.VP(), rtol=1e-4, atol=1e-4)
+    b = E.nll_bpd(lambda xs, t: torch.zeros_like(xs), x, C.VP(), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
 def test_nll_offset_is_log2_of_half_the_bins():
     x = torch.zeros(2, 1, 2, 2)
     raw, quantised = (E.nll_bpd(_gaussian_eps(1.0), x, C.VP(), bins=b) for b in (None, 16))
