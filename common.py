@@ -540,14 +540,36 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def plain(obj):
+    """obj with numpy values as Python numbers / tensors and paths as strings: what load() can read back."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
+def load(path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a checkpoint
+    someone shared cannot run code when loaded (every file this repository writes is of that kind)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def atomic_save(obj, path):
     """torch.save through a temporary file and a rename: an interrupted save never leaves a broken file, and two
-    processes saving the same path each write their own temporary file (the last rename wins)."""
+    processes saving the same path each write their own temporary file (the last rename wins). Numpy values
+    are stored as numbers and tensors (see plain), so that load() reads every file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}.tmp")
     try:
-        torch.save(obj, tmp)
+        torch.save(plain(obj), tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -563,10 +585,11 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     if not path.exists():
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load(path)
         cfg = ck["config"]
     except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run again") from None
+        raise UsageError(f"cannot read {path} as a checkpoint of this repository ({type(e).__name__}): a damaged "
+                         f"file, another program's, or one holding more than weights") from None
     if cfg.get("dataset") != dataset:
         raise UsageError(f"{path} was trained on {cfg.get('dataset')!r}, not {dataset!r}: pass --dataset "
                          f"{cfg.get('dataset')} or another checkpoint")
@@ -619,7 +642,7 @@ class Resume:
         if not self.path.exists():
             return 0
         try:
-            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+            ck = load(self.path)
         except Exception:
             print(f"{self.path} is unreadable: starting afresh")
             return 0
@@ -629,7 +652,8 @@ class Resume:
         for name, obj in self.objects.items():
             _restore(obj, ck["state"][name])
         torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
+        kind, keys, *rest = ck["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy(), *rest))
         random.setstate(ck["rng"]["random"])
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
@@ -663,12 +687,12 @@ def cached(path, key, compute):
     path, key = Path(path), json.dumps(key, sort_keys=True, default=str)
     if path.exists():
         try:
-            hit = torch.load(path, map_location="cpu", weights_only=False)
+            hit = load(path)
             if hit.get("key") == key:
                 return hit["value"]
         except Exception:
             pass
-    value = compute()
+    value = plain(compute())   # the same types on a hit and on a miss
     atomic_save({"key": key, "value": value}, path)
     return value
 

@@ -88,7 +88,7 @@ def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -
     path = C.RUNS / f"classifier-{dataset}" / "model.pt"
     if path.exists():
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = C.load(path)
             clf = Classifier(info.channels, info.num_classes)
             clf.load_state_dict(ck["model"])
         except Exception:
@@ -96,9 +96,7 @@ def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -
         acc = ck["test_acc"]
     else:
         clf, acc = train_classifier(dataset, root, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": clf.state_dict(), "test_acc": acc}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        C.atomic_save({"model": clf.state_dict(), "test_acc": acc}, path)
     clf = clf.to(device).eval().requires_grad_(False)
     clf.test_acc = acc
     return clf
@@ -225,7 +223,7 @@ def fid_network(choice: str, weights: str, dataset: str, device):
     try:
         from pytorch_fid import inception as pfid
         if weights:   # pytorch-fid fetches its weights by URL; hand it the local file instead
-            pfid.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu")
+            pfid.load_state_dict_from_url = lambda *a, **k: C.load(weights)
         net = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     except Exception as e:   # not installed, or no network and no cached weights
         if choice == "auto":
@@ -380,7 +378,7 @@ def load_samples(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise C.UsageError(f"no samples at {path}: the run did not finish")
-    s = torch.load(path, map_location="cpu", weights_only=False)
+    s = C.load(path)
     if not {"x", "c", "sampler", "nfe", "null"} <= set(s) or len(s["x"]) != len(s["c"]):
         raise C.UsageError(f"{path} is not a samples.pt of this repository; run the method again")
     return s

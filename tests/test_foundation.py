@@ -2,11 +2,12 @@
 independent formula, the plumbing's error handling, and an end-to-end pretrain-and-sample smoke test."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import common as C
 import eval as E
@@ -267,6 +268,25 @@ def test_two_savers_of_one_path_never_collide(tmp_path):
         t.join()
     w = torch.load(path)["w"]
     assert not errors and w.unique().numel() == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded, as a hostile checkpoint would (here a harmless one)."""
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
+    torch.save({"config": _RunsCode(), "model": {}}, tmp_path / "hostile.pt")
+    with pytest.raises(C.UsageError, match="cannot read"):
+        C.load_checkpoint(tmp_path / "hostile.pt", "digits")
+    # what the repository itself writes (numpy values included) reads back with weights_only=True
+    C.atomic_save({"a": np.float64(1.5), "b": np.arange(3), "p": tmp_path, "rng": np.random.get_state()},
+                  tmp_path / "ok.pt")
+    back = C.load(tmp_path / "ok.pt")
+    assert back["a"] == 1.5 and back["b"].tolist() == [0, 1, 2] and back["p"] == str(tmp_path)
+    code = "".join(p.read_text() for p in ROOT.glob("*.py"))
+    assert "weights_only=False" not in code and code.count("torch.load(") == 1   # only inside common.load
 
 
 def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
