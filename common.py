@@ -358,6 +358,14 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
 # PLUMBING: args with per-dataset presets, devices, mixed precision, torchrun, checkpoints, caches, grids
 # ----------------------------------------------------------------------------------------------------------
 
+def default_threads() -> int:
+    """CPU threads of torch: OMP_NUM_THREADS if set, else half the cores this process may use (at least 1).
+    Half, because torch's default (all cores) collapses as soon as another job shares them: on a 2-core
+    machine with one competing job a pretraining step took 24x longer with 2 threads than with 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // 2))
+
+
 @dataclass
 class RunArgs:
     """What every method run shares (each method's Args extends it): data, device, seed, run folder, and the
@@ -392,6 +400,8 @@ class RunArgs:
     (inception for cifar10 when installed, else the dataset classifier's features)"""
     inception_weights: str = ""
     """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
+    threads: int = default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000), "cifar10": dict(save_every=5000)}
 
 
@@ -473,14 +483,16 @@ def parse_args(cls, argv=None):
     return make_args(cls, **given)
 
 
-POSITIVE = {"batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every", "eval_every",
+POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every", "eval_every",
             "n_eval", "n_monitor", "monitor_steps"}   # sizes and counts for which 0 means nothing at all
 
 
 def cli(main, args_cls, argv=None):
     """Parse, run, and turn a UsageError into one line on stderr and exit status 2."""
     try:
-        return main(parse_args(args_cls, argv))
+        args = parse_args(args_cls, argv)
+        torch.set_num_threads(getattr(args, "threads", default_threads()))
+        return main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -748,6 +760,8 @@ def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
 class Args:
     dataset: str = "digits"
     """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    threads: int = default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     steps: int = 1400
     """training steps (cifar10: DDPM's 800k steps; the DDPM paper took 10.6 hours on a TPU v3-8)"""
     batch_size: int = 64

@@ -470,6 +470,8 @@ def evaluate_base(path, clf, args, forget, sampler: str = "ddim", conditional: b
 class Args:
     dataset: str = "digits"
     """digits | mnist | fashion | cifar10"""
+    threads: int = C.default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     ckpt: str = ""
     """model checkpoint; empty = the cached base model (pretrained first if absent)"""
     forget: str = ""
@@ -596,6 +598,8 @@ COMPARE_COLS = [  # (metric, header, format)
 class CompareArgs:
     dataset: str = "digits"
     """digits | mnist | fashion | cifar10"""
+    threads: int = C.default_threads()
+    """CPU threads of torch here and in every run it starts (OMP_NUM_THREADS if set, else half the cores)"""
     seeds: str = "0,1,2"
     """comma-separated seeds; each method and the retrain run once per seed (the base is evaluated once)"""
     budget: str = "full"
@@ -646,12 +650,13 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
     return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)
 
 
-def run_program(argv: list, ws: Path, log: Path) -> dict:
-    """Run `python <argv>` with its runs/ in the workspace, output to a log file; wall and CPU seconds."""
+def run_program(argv: list, ws: Path, log: Path, threads: int) -> dict:
+    """Run `python <argv>` with its runs/ in the workspace and `threads` CPU threads, output to a log file; wall
+    and CPU seconds."""
     w0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         p = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parent, stdout=out,
-                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve())})
+                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve()), "OMP_NUM_THREADS": str(threads)})
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {p.returncode}); its output is in {log}")
@@ -782,7 +787,7 @@ def compare(a: CompareArgs) -> dict:
         rec = json.loads(rec_path.read_text()) if rec_path.exists() and not a.rerun else {}
         if rec.get("argv") != argv or not (folder / "samples.pt").exists():
             print(f"{tag}: python {' '.join(argv)}", flush=True)
-            rec = dict(argv=argv, **run_program(argv, ws, ws / "records" / f"{name}-s{seed}.log"))
+            rec = dict(argv=argv, **run_program(argv, ws, ws / "records" / f"{name}-s{seed}.log", a.threads))
             rec_path.write_text(json.dumps(rec) + "\n")
         s = load_samples(folder / "samples.pt")
         m = judge(s, clf, x_real, y_real, [a.forget])
