@@ -897,6 +897,8 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
     if rank == 0:
         save_checkpoint(path, ema.model, hp.steps, done=True, seconds=time.time() - t0, hp=dataclasses.asdict(hp),
                         **({"dropped": sorted(drop_classes)} if drop_classes else {}))
+        # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet), safetensors
+        ema.model.unet.save_pretrained(path.parent / "unet")
     resume.finish()
     if world > 1:
         torch.distributed.barrier()

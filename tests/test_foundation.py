@@ -332,6 +332,19 @@ def test_pretrain_caches_and_samples(tmp_path):
     assert torch.equal(again, C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5))
 
 
+def test_base_unet_opens_in_diffusers(digits_base):
+    """runs/base-<dataset>/unet is a diffusers folder (safetensors) holding the base's UNet: loaded with
+    from_pretrained and fed our token embeddings, it predicts what our loader's model predicts."""
+    from diffusers import UNet2DConditionModel
+    path, model = digits_base
+    unet = UNet2DConditionModel.from_pretrained(path.parent / "unet")
+    assert (path.parent / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 3, 7, model.tok["null"]])
+    with torch.no_grad():
+        theirs = unet(x, t, encoder_hidden_states=model.context(c)).sample
+        assert torch.allclose(theirs, model(x, t, c), atol=1e-6)
+
+
 def test_base_and_classifier_quality(digits_base, digits_classifier):
     """The CI-sized base already draws the asked class most of the time; real digits beat noise in NLL."""
     _, model = digits_base
