@@ -598,7 +598,13 @@ def load_checkpoint(path, dataset: str, device="cpu"):
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = load(path)
+        for key, what in (("plan", "a pruned student: load it with bilevel_prune.load_student(path)"),
+                          ("shifts", "an SRS-ME run: load it with srs_me.load_model(path)")):
+            if key in ck:
+                raise UsageError(f"{path} is {what}")
         cfg = ck["config"]
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"cannot read {path} as a checkpoint of this repository ({type(e).__name__}): a damaged "
                          f"file, another program's, or one holding more than weights") from None

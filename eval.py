@@ -509,7 +509,10 @@ def main(args: Args):
     dev = C.pick_device(args.device)
     t0 = time.time()
     if args.ckpt:   # checked first: a bad checkpoint must fail before anything is trained or written
-        model = C.load_checkpoint(args.ckpt, args.dataset, dev)[0]
+        model, ck = C.load_checkpoint(args.ckpt, args.dataset, dev)
+        if ck.get("method") == "sfd":   # same network, but it maps noise to an image in one call
+            raise C.UsageError(f"{args.ckpt} is an SFD one-step generator: evaluate it with "
+                               f"python sfd.py --init {args.ckpt} --iters 0")
     else:
         model = C.load_base(args.dataset, dev, root=args.data_root)
     clf = load_judge(args, dev)

@@ -289,6 +289,23 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
     assert "weights_only=False" not in code and code.count("torch.load(") == 1   # only inside common.load
 
 
+def test_other_methods_models_are_named_not_misread(tmp_path, runs_dir):
+    """A pruned student or an SRS-ME run is refused by the plain loader with the function that loads it; an SFD
+    generator (the same network) is refused by eval.py, which would sample it for 50 steps."""
+    model = C.CondUNet("digits")
+    C.save_checkpoint(tmp_path / "student.pt", model, 1, plan={"unet.mid_block": [0]})
+    with pytest.raises(C.UsageError, match="bilevel_prune.load_student"):
+        C.load_checkpoint(tmp_path / "student.pt", "digits")
+    C.atomic_save({"base": "x", "shifts": {}}, tmp_path / "srs.pt")
+    with pytest.raises(C.UsageError, match="srs_me.load_model"):
+        C.load_checkpoint(tmp_path / "srs.pt", "digits")
+    C.save_checkpoint(tmp_path / "gen.pt", model, 1, method="sfd")
+    before = sorted(runs_dir.rglob("*"))
+    r = run_script("eval.py", "--ckpt", str(tmp_path / "gen.pt"))
+    assert r.returncode == 2 and "sfd.py --init" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert sorted(runs_dir.rglob("*")) == before
+
+
 def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
     model = C.CondUNet("digits")
     path = tmp_path / "m.pt"
