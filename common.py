@@ -489,11 +489,18 @@ POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples",
 
 def cli(main, args_cls, argv=None):
     """Parse, run, and turn a UsageError into one line on stderr and exit status 2."""
+    _STARTED.clear()
     try:
         args = parse_args(args_cls, argv)
         torch.set_num_threads(getattr(args, "threads", default_threads()))
         return main(args)
-    except UsageError as e:
+    except BaseException as e:
+        for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
+            if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
+                (out / "args.json").unlink(missing_ok=True)
+                out.rmdir()
+        if not isinstance(e, UsageError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -720,9 +727,14 @@ def run_dir(method: str, dataset: str, tag: str = "") -> Path:
     return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
 
 
+_STARTED = []   # run folders this process created: a run that fails leaves no folder holding only args.json
+
+
 def start_run(method: str, args) -> Path:
     """Create the run folder and write args.json (the resolved arguments, presets applied)."""
     out = run_dir(method, args.dataset, args.tag)
+    if not out.exists():
+        _STARTED.append(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
     return out

@@ -248,6 +248,25 @@ def test_every_entry_point_prints_its_help(script):
     assert r.returncode == 0 and "--seed" in r.stdout and "examples:" in r.stdout, r.stderr[-1500:]
 
 
+def test_a_failed_run_leaves_no_folder_behind(runs_dir):
+    """A run that fails after start_run leaves no folder holding only args.json (a folder that was there
+    before, or holds more, stays)."""
+    def fails(args):
+        C.start_run("failing", args)
+        raise RuntimeError("the data could not be read")
+
+    def fails_late(args):
+        out = C.start_run("failing", args)
+        (out / "resume.pt").write_bytes(b"")
+        raise C.UsageError("stopped")
+    with pytest.raises(RuntimeError):
+        C.cli(fails, C.RunArgs, ["--tag", "early"])
+    assert not C.run_dir("failing", "digits", "early").exists()
+    with pytest.raises(SystemExit):
+        C.cli(fails_late, C.RunArgs, ["--tag", "late"])
+    assert (C.run_dir("failing", "digits", "late") / "resume.pt").exists()
+
+
 def test_two_savers_of_one_path_never_collide(tmp_path):
     """Each save writes its own temporary file: two threads saving the same checkpoint 50 times each all
     succeed (with one shared temporary name, one rename finds its file taken by the other), and the file
