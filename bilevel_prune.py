@@ -247,7 +247,7 @@ def apply_plan(model, plan: dict):
 
 def load_student(path, device="cpu"):
     """Rebuild the pruned architecture from the plan saved in model.pt, then load its weights."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = C.load(path)
     if "plan" not in ck:
         raise C.UsageError(f"{path} holds no pruning plan: it is not a bilevel_prune student")
     student = apply_plan(C.CondUNet(ck["config"]["dataset"]), ck["plan"])

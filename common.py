@@ -299,13 +299,14 @@ def guided(model, c, guidance: float = 1.0, null: int | None = None):
 
 @torch.no_grad()
 def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-           seed: int = 0, batch: int = 1000, progress: bool = False, amp: bool = False) -> torch.Tensor:
+           seed: int = 0, batch: int = 1000, progress: bool = True, amp: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
     ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps
     if `steps` is 0, else `steps` strided ones as DDPMPipeline(num_inference_steps=steps)).
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step.
-    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32)."""
+    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32). progress: a bar of network
+    calls, shown once sampling has taken 3 seconds."""
     if sampler not in ("ddim", "ddpm", "em"):
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
     was_training = model.training
@@ -313,14 +314,17 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     dev = next(model.parameters()).device
     info = model.info
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
-    for c_b in tqdm(c.split(batch), desc=f"sampling ({sampler})", disable=not progress, leave=False):
+    out, n_steps = [], len(vp.ddpm_timesteps(steps)) if sampler == "ddpm" else steps
+    bar = tqdm(total=math.ceil(len(c) / batch) * n_steps, desc=f"sampling {len(c)} images ({sampler} {steps})",
+               unit="step", delay=3, leave=False, disable=not progress)
+    for c_b in c.split(batch):
         c_b = c_b.to(dev)
         shape = (len(c_b), info.channels, info.size, info.size)
         x = torch.randn(shape, generator=g).to(dev)
         net = guided(model, c_b, guidance, model.tok["null"])
 
         def eps(x, t):
+            bar.update()
             with autocast(dev, amp):
                 return net(x, t).float()
         if sampler == "ddpm":
@@ -345,6 +349,7 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
                 if i < steps - 1:
                     x = x + math.sqrt(b * dt) * torch.randn(shape, generator=g).to(dev)
         out.append(x.clamp(-1, 1).cpu())
+    bar.close()
     model.train(was_training)
     return torch.cat(out)
 
@@ -352,6 +357,14 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
 # ----------------------------------------------------------------------------------------------------------
 # PLUMBING: args with per-dataset presets, devices, mixed precision, torchrun, checkpoints, caches, grids
 # ----------------------------------------------------------------------------------------------------------
+
+def default_threads() -> int:
+    """CPU threads of torch: OMP_NUM_THREADS if set, else half the cores this process may use (at least 1).
+    Half, because torch's default (all cores) collapses as soon as another job shares them: on a 2-core
+    machine with one competing job a pretraining step took 24x longer with 2 threads than with 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // 2))
+
 
 @dataclass
 class RunArgs:
@@ -387,6 +400,8 @@ class RunArgs:
     (inception for cifar10 when installed, else the dataset classifier's features)"""
     inception_weights: str = ""
     """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
+    threads: int = default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000), "cifar10": dict(save_every=5000)}
 
 
@@ -468,15 +483,24 @@ def parse_args(cls, argv=None):
     return make_args(cls, **given)
 
 
-POSITIVE = {"batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every", "eval_every",
+POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every", "eval_every",
             "n_eval", "n_monitor", "monitor_steps"}   # sizes and counts for which 0 means nothing at all
 
 
 def cli(main, args_cls, argv=None):
     """Parse, run, and turn a UsageError into one line on stderr and exit status 2."""
+    _STARTED.clear()
     try:
-        return main(parse_args(args_cls, argv))
-    except UsageError as e:
+        args = parse_args(args_cls, argv)
+        torch.set_num_threads(getattr(args, "threads", default_threads()))
+        return main(args)
+    except BaseException as e:
+        for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
+            if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
+                (out / "args.json").unlink(missing_ok=True)
+                out.rmdir()
+        if not isinstance(e, UsageError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -535,14 +559,36 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def plain(obj):
+    """obj with numpy values as Python numbers / tensors and paths as strings: what load() can read back."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
+def load(path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a checkpoint
+    someone shared cannot run code when loaded (every file this repository writes is of that kind)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def atomic_save(obj, path):
     """torch.save through a temporary file and a rename: an interrupted save never leaves a broken file, and two
-    processes saving the same path each write their own temporary file (the last rename wins)."""
+    processes saving the same path each write their own temporary file (the last rename wins). Numpy values
+    are stored as numbers and tensors (see plain), so that load() reads every file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}.tmp")
     try:
-        torch.save(obj, tmp)
+        torch.save(plain(obj), tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -558,10 +604,17 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     if not path.exists():
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load(path)
+        for key, what in (("plan", "a pruned student: load it with bilevel_prune.load_student(path)"),
+                          ("shifts", "an SRS-ME run: load it with srs_me.load_model(path)")):
+            if key in ck:
+                raise UsageError(f"{path} is {what}")
         cfg = ck["config"]
+    except UsageError:
+        raise
     except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run again") from None
+        raise UsageError(f"cannot read {path} as a checkpoint of this repository ({type(e).__name__}): a damaged "
+                         f"file, another program's, or one holding more than weights") from None
     if cfg.get("dataset") != dataset:
         raise UsageError(f"{path} was trained on {cfg.get('dataset')!r}, not {dataset!r}: pass --dataset "
                          f"{cfg.get('dataset')} or another checkpoint")
@@ -614,7 +667,7 @@ class Resume:
         if not self.path.exists():
             return 0
         try:
-            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+            ck = load(self.path)
         except Exception:
             print(f"{self.path} is unreadable: starting afresh")
             return 0
@@ -624,7 +677,8 @@ class Resume:
         for name, obj in self.objects.items():
             _restore(obj, ck["state"][name])
         torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
+        kind, keys, *rest = ck["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy(), *rest))
         random.setstate(ck["rng"]["random"])
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
@@ -658,12 +712,12 @@ def cached(path, key, compute):
     path, key = Path(path), json.dumps(key, sort_keys=True, default=str)
     if path.exists():
         try:
-            hit = torch.load(path, map_location="cpu", weights_only=False)
+            hit = load(path)
             if hit.get("key") == key:
                 return hit["value"]
         except Exception:
             pass
-    value = compute()
+    value = plain(compute())   # the same types on a hit and on a miss
     atomic_save({"key": key, "value": value}, path)
     return value
 
@@ -673,9 +727,14 @@ def run_dir(method: str, dataset: str, tag: str = "") -> Path:
     return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
 
 
+_STARTED = []   # run folders this process created: a run that fails leaves no folder holding only args.json
+
+
 def start_run(method: str, args) -> Path:
     """Create the run folder and write args.json (the resolved arguments, presets applied)."""
     out = run_dir(method, args.dataset, args.tag)
+    if not out.exists():
+        _STARTED.append(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
     return out
@@ -719,6 +778,8 @@ def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
 class Args:
     dataset: str = "digits"
     """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    threads: int = default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     steps: int = 1400
     """training steps (cifar10: DDPM's 800k steps; the DDPM paper took 10.6 hours on a TPU v3-8)"""
     batch_size: int = 64
@@ -854,6 +915,8 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
     if rank == 0:
         save_checkpoint(path, ema.model, hp.steps, done=True, seconds=time.time() - t0, hp=dataclasses.asdict(hp),
                         **({"dropped": sorted(drop_classes)} if drop_classes else {}))
+        # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet), safetensors
+        ema.model.unet.save_pretrained(path.parent / "unet")
     resume.finish()
     if world > 1:
         torch.distributed.barrier()

@@ -88,7 +88,7 @@ def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -
     path = C.RUNS / f"classifier-{dataset}" / "model.pt"
     if path.exists():
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = C.load(path)
             clf = Classifier(info.channels, info.num_classes)
             clf.load_state_dict(ck["model"])
         except Exception:
@@ -96,9 +96,7 @@ def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -
         acc = ck["test_acc"]
     else:
         clf, acc = train_classifier(dataset, root, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": clf.state_dict(), "test_acc": acc}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        C.atomic_save({"model": clf.state_dict(), "test_acc": acc}, path)
     clf = clf.to(device).eval().requires_grad_(False)
     clf.test_acc = acc
     return clf
@@ -225,7 +223,7 @@ def fid_network(choice: str, weights: str, dataset: str, device):
     try:
         from pytorch_fid import inception as pfid
         if weights:   # pytorch-fid fetches its weights by URL; hand it the local file instead
-            pfid.load_state_dict_from_url = lambda *a, **k: torch.load(weights, map_location="cpu")
+            pfid.load_state_dict_from_url = lambda *a, **k: C.load(weights)
         net = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     except Exception as e:   # not installed, or no network and no cached weights
         if choice == "auto":
@@ -272,7 +270,9 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
     if dequantize:
         x = x + (torch.rand(shape, generator=g) - 0.5) * (2 / bins)
     probe = torch.randint(0, 2, shape, generator=g).float() * 2 - 1
-    dev = next(iter(getattr(eps_fn, "parameters", lambda: iter([torch.empty(0)]))())).device
+    params = eps_fn.parameters() if hasattr(eps_fn, "parameters") else iter(())
+    dev = next(params, torch.empty(0)).device       # a function or a module without parameters: the CPU
+    bar = C.tqdm(total=100, desc=f"likelihood ODE, {B} images", unit="% of t", delay=3, leave=False)
 
     def drift(xs, t):
         tt = torch.full((B,), t, device=xs.device)
@@ -280,6 +280,7 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
         return -0.5 * vp.beta(t) * (xs - eps_fn(xs, tt) / sigma)
 
     def rhs(t, state):
+        bar.update(max(0, int(100 * (t - t_eps) / (1 - t_eps)) - bar.n))   # how far the solve has come in t
         xs = torch.tensor(state[:-B], dtype=torch.float32, device=dev).view(shape).requires_grad_(True)
         with torch.enable_grad():
             f = drift(xs, t)
@@ -294,6 +295,7 @@ def nll_bpd(eps_fn, x, vp: C.VP, bins: int | None = None, exact: bool = False, d
 
     init = np.concatenate([x.flatten().double().numpy(), np.zeros(B)])
     sol = solve_ivp(rhs, (t_eps, 1.0), init, rtol=rtol, atol=atol, method="RK45")
+    bar.close()
     z, delta_logp = sol.y[:-B, -1].reshape(B, D), sol.y[-B:, -1]
     prior_logp = -0.5 * D * np.log(2 * np.pi) - 0.5 * (z ** 2).sum(1)
     offset = math.log2(bins / 2) if bins else 0.0
@@ -376,7 +378,7 @@ def load_samples(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise C.UsageError(f"no samples at {path}: the run did not finish")
-    s = torch.load(path, map_location="cpu", weights_only=False)
+    s = C.load(path)
     if not {"x", "c", "sampler", "nfe", "null"} <= set(s) or len(s["x"]) != len(s["c"]):
         raise C.UsageError(f"{path} is not a samples.pt of this repository; run the method again")
     return s
@@ -468,6 +470,8 @@ def evaluate_base(path, clf, args, forget, sampler: str = "ddim", conditional: b
 class Args:
     dataset: str = "digits"
     """digits | mnist | fashion | cifar10"""
+    threads: int = C.default_threads()
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     ckpt: str = ""
     """model checkpoint; empty = the cached base model (pretrained first if absent)"""
     forget: str = ""
@@ -505,7 +509,10 @@ def main(args: Args):
     dev = C.pick_device(args.device)
     t0 = time.time()
     if args.ckpt:   # checked first: a bad checkpoint must fail before anything is trained or written
-        model = C.load_checkpoint(args.ckpt, args.dataset, dev)[0]
+        model, ck = C.load_checkpoint(args.ckpt, args.dataset, dev)
+        if ck.get("method") == "sfd":   # same network, but it maps noise to an image in one call
+            raise C.UsageError(f"{args.ckpt} is an SFD one-step generator: evaluate it with "
+                               f"python sfd.py --init {args.ckpt} --iters 0")
     else:
         model = C.load_base(args.dataset, dev, root=args.data_root)
     clf = load_judge(args, dev)
@@ -594,6 +601,8 @@ COMPARE_COLS = [  # (metric, header, format)
 class CompareArgs:
     dataset: str = "digits"
     """digits | mnist | fashion | cifar10"""
+    threads: int = C.default_threads()
+    """CPU threads of torch here and in every run it starts (OMP_NUM_THREADS if set, else half the cores)"""
     seeds: str = "0,1,2"
     """comma-separated seeds; each method and the retrain run once per seed (the base is evaluated once)"""
     budget: str = "full"
@@ -644,12 +653,13 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
     return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)
 
 
-def run_program(argv: list, ws: Path, log: Path) -> dict:
-    """Run `python <argv>` with its runs/ in the workspace, output to a log file; wall and CPU seconds."""
+def run_program(argv: list, ws: Path, log: Path, threads: int) -> dict:
+    """Run `python <argv>` with its runs/ in the workspace and `threads` CPU threads, output to a log file; wall
+    and CPU seconds."""
     w0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         p = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parent, stdout=out,
-                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve())})
+                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve()), "OMP_NUM_THREADS": str(threads)})
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {p.returncode}); its output is in {log}")
@@ -780,7 +790,7 @@ def compare(a: CompareArgs) -> dict:
         rec = json.loads(rec_path.read_text()) if rec_path.exists() and not a.rerun else {}
         if rec.get("argv") != argv or not (folder / "samples.pt").exists():
             print(f"{tag}: python {' '.join(argv)}", flush=True)
-            rec = dict(argv=argv, **run_program(argv, ws, ws / "records" / f"{name}-s{seed}.log"))
+            rec = dict(argv=argv, **run_program(argv, ws, ws / "records" / f"{name}-s{seed}.log", a.threads))
             rec_path.write_text(json.dumps(rec) + "\n")
         s = load_samples(folder / "samples.pt")
         m = judge(s, clf, x_real, y_real, [a.forget])

@@ -173,7 +173,7 @@ def combine(model, shifts: dict, concepts) -> torch.nn.Module:
 def load_model(path, device="cpu", concepts=None) -> torch.nn.Module:
     """A run's model.pt as a model: its base checkpoint plus the shifts of `concepts` (default: those erased at
     the run's first step). Refuses a base file that changed since the shifts were trained."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = C.load(path)
     if C.file_id(ck["base"]) != ck["base_id"]:
         raise C.UsageError(f"{ck['base']} is not the base the shifts in {path} were trained for: run again")
     return combine(C.load_checkpoint(ck["base"], ck["dataset"], device)[0], ck["shifts"],

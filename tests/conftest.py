@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Before `common` is imported anywhere (also in subprocesses), so that nothing lands in the user's runs/.
 os.environ.setdefault("UNLEARN_RUNS", tempfile.mkdtemp(prefix="unlearn-tests-"))
-# two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when several test runs share the cores
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# two threads on the 2-core CI machine; OMP_NUM_THREADS=1 when several test runs share the cores. The scripts
+# the tests start get the same number (their own default is half the cores).
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1))))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import common as C  # noqa: E402
 

@@ -2,11 +2,12 @@
 independent formula, the plumbing's error handling, and an end-to-end pretrain-and-sample smoke test."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import common as C
 import eval as E
@@ -127,6 +128,16 @@ def test_nll_hutchinson_reproduces_gaussian_density_on_average():
     assert abs(bpd - _gaussian_bpd(x, s).mean()) < 0.05
 
 
+def test_nll_takes_a_module_without_parameters_like_a_function():
+    class Zero(torch.nn.Module):   # no parameters: the device cannot come from them
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = E.nll_bpd(Zero(), x, C.VP(), rtol=1e-4, atol=1e-4)
+    b = E.nll_bpd(lambda xs, t: torch.zeros_like(xs), x, C.VP(), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
 def test_nll_offset_is_log2_of_half_the_bins():
     x = torch.zeros(2, 1, 2, 2)
     raw, quantised = (E.nll_bpd(_gaussian_eps(1.0), x, C.VP(), bins=b) for b in (None, 16))
@@ -237,6 +248,25 @@ def test_every_entry_point_prints_its_help(script):
     assert r.returncode == 0 and "--seed" in r.stdout and "examples:" in r.stdout, r.stderr[-1500:]
 
 
+def test_a_failed_run_leaves_no_folder_behind(runs_dir):
+    """A run that fails after start_run leaves no folder holding only args.json (a folder that was there
+    before, or holds more, stays)."""
+    def fails(args):
+        C.start_run("failing", args)
+        raise RuntimeError("the data could not be read")
+
+    def fails_late(args):
+        out = C.start_run("failing", args)
+        (out / "resume.pt").write_bytes(b"")
+        raise C.UsageError("stopped")
+    with pytest.raises(RuntimeError):
+        C.cli(fails, C.RunArgs, ["--tag", "early"])
+    assert not C.run_dir("failing", "digits", "early").exists()
+    with pytest.raises(SystemExit):
+        C.cli(fails_late, C.RunArgs, ["--tag", "late"])
+    assert (C.run_dir("failing", "digits", "late") / "resume.pt").exists()
+
+
 def test_two_savers_of_one_path_never_collide(tmp_path):
     """Each save writes its own temporary file: two threads saving the same checkpoint 50 times each all
     succeed (with one shared temporary name, one rename finds its file taken by the other), and the file
@@ -257,6 +287,42 @@ def test_two_savers_of_one_path_never_collide(tmp_path):
         t.join()
     w = torch.load(path)["w"]
     assert not errors and w.unique().numel() == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded, as a hostile checkpoint would (here a harmless one)."""
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
+    torch.save({"config": _RunsCode(), "model": {}}, tmp_path / "hostile.pt")
+    with pytest.raises(C.UsageError, match="cannot read"):
+        C.load_checkpoint(tmp_path / "hostile.pt", "digits")
+    # what the repository itself writes (numpy values included) reads back with weights_only=True
+    C.atomic_save({"a": np.float64(1.5), "b": np.arange(3), "p": tmp_path, "rng": np.random.get_state()},
+                  tmp_path / "ok.pt")
+    back = C.load(tmp_path / "ok.pt")
+    assert back["a"] == 1.5 and back["b"].tolist() == [0, 1, 2] and back["p"] == str(tmp_path)
+    code = "".join(p.read_text() for p in ROOT.glob("*.py"))
+    assert "weights_only=False" not in code and code.count("torch.load(") == 1   # only inside common.load
+
+
+def test_other_methods_models_are_named_not_misread(tmp_path, runs_dir):
+    """A pruned student or an SRS-ME run is refused by the plain loader with the function that loads it; an SFD
+    generator (the same network) is refused by eval.py, which would sample it for 50 steps."""
+    model = C.CondUNet("digits")
+    C.save_checkpoint(tmp_path / "student.pt", model, 1, plan={"unet.mid_block": [0]})
+    with pytest.raises(C.UsageError, match="bilevel_prune.load_student"):
+        C.load_checkpoint(tmp_path / "student.pt", "digits")
+    C.atomic_save({"base": "x", "shifts": {}}, tmp_path / "srs.pt")
+    with pytest.raises(C.UsageError, match="srs_me.load_model"):
+        C.load_checkpoint(tmp_path / "srs.pt", "digits")
+    C.save_checkpoint(tmp_path / "gen.pt", model, 1, method="sfd")
+    before = sorted(runs_dir.rglob("*"))
+    r = run_script("eval.py", "--ckpt", str(tmp_path / "gen.pt"))
+    assert r.returncode == 2 and "sfd.py --init" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert sorted(runs_dir.rglob("*")) == before
 
 
 def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
@@ -300,6 +366,19 @@ def test_pretrain_caches_and_samples(tmp_path):
         assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
     again = C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5)
     assert torch.equal(again, C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5))
+
+
+def test_base_unet_opens_in_diffusers(digits_base):
+    """runs/base-<dataset>/unet is a diffusers folder (safetensors) holding the base's UNet: loaded with
+    from_pretrained and fed our token embeddings, it predicts what our loader's model predicts."""
+    from diffusers import UNet2DConditionModel
+    path, model = digits_base
+    unet = UNet2DConditionModel.from_pretrained(path.parent / "unet")
+    assert (path.parent / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 3, 7, model.tok["null"]])
+    with torch.no_grad():
+        theirs = unet(x, t, encoder_hidden_states=model.context(c)).sample
+        assert torch.allclose(theirs, model(x, t, c), atol=1e-6)
 
 
 def test_base_and_classifier_quality(digits_base, digits_classifier):
