@@ -20,8 +20,7 @@ structured pruning (ResNet inner groups, attention heads, feed-forward groups) m
     python bilevel_prune.py --schedule two-stage --tag two-stage # baseline: fine-tune, then ESD on cross-attention
     python bilevel_prune.py --dataset mnist --device cuda
 
-model.pt holds {"config", "plan", "model"}: `load_student(path)` rebuilds the pruned network and loads it.
-"""
+model.pt holds {"config", "plan", "model"}: `load_student(path)` rebuilds the pruned network and loads it."""
 from __future__ import annotations
 
 import copy
@@ -52,12 +51,15 @@ class Args(C.RunArgs):
     """batch of both levels (the paper's global batch)"""
     lr: float = 5e-4
     """lower-level AdamW lr (official 1e-6 for SD; a 1M-parameter student after 45% pruning needs far more)"""
-    lr_up_mult: float = 5.0
-    """upper-level lr = lr_up_mult x lr (the official code: 5e-6 vs 1e-6)"""
-    upper_every: int = 20
-    """K: an upper (unlearning) step every K lower steps (the paper's 20; the official code's 10 cost retain acc.)"""
+    lr_up_mult: float = 2.0
+    """upper-level lr = lr_up_mult x lr: the base's own pretraining lr (official 5x: 5e-6 vs 1e-6 for SD, whose
+    pretraining lr is 1e-4; 5x here would be 2.5x ours). Logged: |upper step| / |lower step|, 2.1-2.7 here"""
+    upper_every: int = 10
+    """K: an upper (unlearning) step every K lower steps (the official code's 10)"""
     warmup: int = 25
-    """linear warm-up steps of both optimisers (official 250)"""
+    """linear warm-up of both optimisers, each counted in its own steps (official 250 lower and 250 upper steps)"""
+    ema: float = 0.995
+    """decay of an EMA of the student, whose weights are the result (the base's; 0: none, as the official code)"""
     eta: float = 1.0
     """negative-guidance strength of the upper target T(null) - eta (T(c*) - T(null))"""
     w_diff: float = 1.0
@@ -82,8 +84,7 @@ def negative_guidance_target(teacher, x_t, t, c, null: int, eta: float = 1.0):
     """ESD's negative guidance from the frozen unpruned teacher (official BilevelUnetFineTuner.upper_step):
     T(x_t, t, null) - eta (T(x_t, t, c*) - T(x_t, t, null)); `null` is the unconditional token id."""
     with torch.no_grad():
-        e_c, e_null = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                              torch.cat([c, torch.full_like(c, null)])).chunk(2)
+        e_c, e_null = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, torch.full_like(c, null)])).chunk(2)
     return e_null - eta * (e_c - e_null)
 
 
@@ -260,7 +261,7 @@ def load_student(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------------------
 
 def with_blocks(model, x_t, t, c) -> tuple:
-    """model(x_t, t, c) and the outputs of every down, mid and up block (official cast_block_act_hooks)."""
+    """model(x_t, t, c) and the outputs of every down block, the mid block and every up block (official KD blocks)."""
     feats, u = [], model.unet
     hooks = [b.register_forward_hook(lambda m, i, o: feats.append(o[0] if isinstance(o, tuple) else o))
              for b in [*u.down_blocks, u.mid_block, *u.up_blocks]]
@@ -279,50 +280,60 @@ def noised(x0, vp):
 def train(args: Args, out, teacher, student, x_keep, y_keep, x_concept, dev) -> dict:
     """The official schedule (BilevelUnetFineTuner.train): one student, two AdamW optimisers; every iteration a
     lower step on L_ft, every K-th also an upper step on L_CU. The paper's penalty form min_theta max_vartheta
-    L_CU(theta) + lam (L_ft(theta) - L_ft(vartheta)), lam = 100, has the theta-gradient grad L_CU + lam grad L_ft
-    (L_ft(vartheta) does not depend on theta): alternating descent with a fixed balance, which the official code
-    sets by the lr ratio (5x) and K = 10. We keep its alternation and lr ratio but run the paper's K = 20.
-    Resumable: out/resume.pt every save_every steps; a rerun with the same arguments continues."""
+    L_CU(theta) + lam (L_ft(theta) - L_ft(vartheta)) has the theta-gradient grad L_CU + lam grad L_ft: alternating
+    descent with a fixed balance, set in the official code by the lr ratio and K. Resumable; writes model.pt."""
     vp, null = C.VP(), teacher.tok["null"]
     adamw = lambda lr: torch.optim.AdamW(student.parameters(), lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     opt_low, opt_up = adamw(args.lr), adamw(args.lr * args.lr_up_mult)
-    c_star = torch.full((args.batch_size,), args.forget, device=dev)
-    log = {"l_ft": [], "l_cu": []}
-    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, student=student, opt_low=opt_low,
-                      opt_up=opt_up, log=log)
+    ema, scaler = C.EMA(student, args.ema), C.grad_scaler(dev, args.amp)
+    vec = lambda: torch.nn.utils.parameters_to_vector(student.parameters())   # for |upper step| / |lower step|
+    log, c_star = {"l_ft": [], "l_cu": [], "update_ratio": []}, torch.full((args.batch_size,), args.forget, device=dev)
+    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, student=student, ema=ema, opt_low=opt_low,
+                      opt_up=opt_up, scaler=scaler, log=log)
     start = resume.load()
-    bar = tqdm(range(start, args.steps), f"{args.schedule} (keep {args.keep:.2f})", args.steps, initial=start)
-    for step in bar:
+    for step in tqdm(range(start, args.steps), desc=args.schedule, total=args.steps, initial=start):
+        upper = args.schedule == "bilevel" and (step + 1) % args.upper_every == 0 and step + 1 < args.steps  # ends low
         idx = torch.randint(len(x_keep), (args.batch_size,))
         c = torch.where(torch.rand(len(idx)) < args.p_null, null, y_keep[idx]).to(dev)   # label dropout
         opt_low.param_groups[0]["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)  # constant with warm-up
         x_t, t, noise = noised(x_keep[idx].to(dev), vp)
-        with torch.no_grad():
-            eps_t, feats_t = with_blocks(teacher, x_t, t, c)
-        eps_s, feats_s = with_blocks(student, x_t, t, c)
-        l_ft = lower_loss(eps_s, eps_t, noise, feats_s, feats_t, args.w_diff, args.w_out, args.w_feat)
+        theta = [vec()] if upper else []
+        with C.autocast(dev, args.amp):
+            with torch.no_grad():
+                eps_t, feats_t = with_blocks(teacher, x_t, t, c)
+            eps_s, feats_s = with_blocks(student, x_t, t, c)
+            l_ft = lower_loss(eps_s, eps_t, noise, feats_s, feats_t, args.w_diff, args.w_out, args.w_feat)
         opt_low.zero_grad(set_to_none=True)
-        l_ft.backward()
-        opt_low.step()
+        scaler.scale(l_ft).backward()
+        scaler.step(opt_low)
         log["l_ft"].append(l_ft.item())
-        if args.schedule == "bilevel" and (step + 1) % args.upper_every == 0:
-            n_up = (step + 1) // args.upper_every
-            warm = min(1.0, n_up / max(1, args.warmup // args.upper_every))
-            opt_up.param_groups[0]["lr"] = args.lr * args.lr_up_mult * warm
+        if upper:   # the official upper scheduler warms up over its own steps: n_up counts upper steps
+            n_up, theta = (step + 1) // args.upper_every, theta + [vec()]
+            opt_up.param_groups[0]["lr"] = args.lr * args.lr_up_mult * min(1.0, n_up / args.warmup)
             x_t, t, _ = noised(x_concept[torch.randint(len(x_concept), (args.batch_size,))].to(dev), vp)
-            l_cu = upper_loss(student, teacher, x_t, t, c_star, null, args.eta)
+            with C.autocast(dev, args.amp):
+                l_cu = upper_loss(student, teacher, x_t, t, c_star, null, args.eta)
             opt_up.zero_grad(set_to_none=True)
-            l_cu.backward()
-            opt_up.step()
+            scaler.scale(l_cu).backward()
+            scaler.step(opt_up)
+            theta.append(vec())
             log["l_cu"].append(l_cu.item())
+            log["update_ratio"].append(((theta[2] - theta[1]).norm() / (theta[1] - theta[0]).norm()).item())
+        scaler.update()
+        ema.decay = min(args.ema, (1 + step) / (10 + step))   # warm-up of diffusers' EMAModel.get_decay
+        ema.update(student)
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            l_cu = f"{np.mean(log['l_cu'][-10:]):.4f}" if log["l_cu"] else "-"
-            tqdm.write(f"step {step + 1:>6}  l_ft {np.mean(log['l_ft'][-100:]):.4f}  l_cu {l_cu}  "
-                       f"{bar.format_dict['elapsed']:.0f}s")
+            up = f"l_cu {np.mean(log['l_cu'][-10:]):.4f}  |upper|/|lower| {np.mean(log['update_ratio'][-10:]):.2f}" \
+                if log["l_cu"] else ""
+            tqdm.write(f"step {step + 1:>6}  l_ft {np.mean(log['l_ft'][-100:]):.4f}  {up}")
         resume.save(step + 1)
-    resume.finish()
+    if args.ema > 0:
+        student.load_state_dict(ema.state_dict())
     if args.schedule == "two-stage":
         log["l_esd"] = esd(args, student, dev)
+    C.atomic_save({"config": student.config, "plan": student.plan, "step": args.steps, "model": student.state_dict()},
+                  out / "model.pt")
+    resume.finish()
     return log
 
 
@@ -345,10 +356,8 @@ def esd(args: Args, student, dev, steps: int | None = None) -> list:
     weights move (Adam), towards the negative-guidance target of a frozen copy of the fine-tuned student, at x_t
     from the edited student's own partial samples. The bilevel run's budget: N / K steps at the upper lr."""
     vp, frozen = C.VP(), copy.deepcopy(student).eval().requires_grad_(False)
-    params = [p for n, p in student.named_parameters() if ".attn2." in n]
-    opt = torch.optim.Adam(params, lr=args.lr * args.lr_up_mult)
-    c = torch.full((args.esd_batch,), args.forget, device=dev)
-    log = []
+    opt = torch.optim.Adam([p for n, p in student.named_parameters() if ".attn2." in n], lr=args.lr * args.lr_up_mult)
+    c, log = torch.full((args.esd_batch,), args.forget, device=dev), []
     for _ in tqdm(range(steps or max(1, args.steps // args.upper_every)), desc="ESD (two-stage)"):
         x_t, t = esd_partial_sample(student, vp, c)
         student.train()
@@ -364,52 +373,50 @@ def esd(args: Args, student, dev, steps: int | None = None) -> list:
 # EVALUATION
 # ----------------------------------------------------------------------------------------------------------
 
-def sampling_speed(model, args: Args, per_class: int = 10) -> tuple[float, float]:
-    """Images per wall-clock second and per CPU second of this process (robust to other jobs) of DDIM sampling."""
-    c = C.class_tokens(model.info.num_classes, per_class).to(next(model.parameters()).device)
+def timed_samples(model, args: Args, c) -> tuple:
+    """DDIM samples for tokens c, and images per wall-clock second and per CPU second (robust to other jobs)."""
     w0, p0 = time.time(), time.process_time()
-    C.sample(model, C.VP(), c, "ddim", args.sample_steps, seed=args.seed, amp=args.amp)
-    return len(c) / (time.time() - w0), len(c) / (time.process_time() - p0)
-
-
-def p_concept(clf, x, c, k: int) -> list:
-    """The classifier's probability of class k on the samples drawn for k (the paper's CLIP score analogue)."""
-    with torch.no_grad():
-        return torch.softmax(clf(x[c == k].to(next(clf.parameters()).device)), 1)[:, k].cpu().tolist()
+    x = C.sample(model, C.VP(), c.to(next(model.parameters()).device), "ddim", args.sample_steps, seed=args.seed,
+                 amp=args.amp)
+    return x, len(c) / (time.time() - w0), len(c) / (time.process_time() - p0)
 
 
 def evaluate(args: Args, out, teacher, student, clf, log: dict, seconds: float, cpu_seconds: float) -> dict:
-    """samples.pt / samples.png of the pruned student, its figures by eval's functions, the teacher's (cached)
-    as base_*, the cost of both networks, and the CP score against a distill-only reference run."""
-    info, f, g = student.info, args.forget, min(10, args.n_per_class)
-    m, s = E.evaluate_model(student, clf, args, [f])
+    """samples.pt / .png of the student, its figures as E.evaluate_model computes them (the teacher timed on the
+    same batch), the teacher's cached ones as base_*, the cost of both, the CP score against distill-only."""
+    info, f, g, dev = student.info, args.forget, min(10, args.n_per_class), next(clf.parameters()).device
+    c = C.class_tokens(info.num_classes, args.n_per_class)
+    student.eval().requires_grad_(False)
+    (xt, ips_t, ipc_t), (x, ips_s, ipc_s) = timed_samples(teacher, args, c), timed_samples(student, args, c)
+    s = dict(x=x, c=c, sampler=f"ddim-{args.sample_steps}", nfe=args.sample_steps, null=student.tok["null"])
     C.save_samples(out, **s)
-    mb, xb = E.evaluate_base(C.base_path(args.dataset), clf, args, [f])
-    (ips_t, ipc_t), (ips_s, ipc_s) = sampling_speed(teacher, args), sampling_speed(student, args)
-    (macs_t, _), (macs_s, _) = count_macs(teacher), count_macs(student)
-    n_t, n_s = C.n_params(teacher), C.n_params(student)
-    pc, pc_base = p_concept(clf, s["x"], s["c"], f), p_concept(clf, xb, C.class_tokens(info.num_classes, g), f)
+    m = E.judge(s, clf, *C.load_data(args.dataset, args.data_root, "train"), [f])
+    if args.n_nll > 0:
+        m.update(E.class_nll(student, *C.load_data(args.dataset, args.data_root, "test"), [f], args.n_nll, args.nll_tol))
+    mb = E.evaluate_base(C.base_path(args.dataset), clf, args, [f])[0]
+    p_concept = lambda x: torch.softmax(clf(x[c == f].to(dev)), 1)[:, f].tolist()   # the CLIP score's analogue
+    pc, pc_t = p_concept(x), p_concept(xt)
+    macs_t, macs_s, n_t, n_s = count_macs(teacher)[0], count_macs(student)[0], C.n_params(teacher), C.n_params(student)
     keys = ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd", "is")
-    res = {**{k: m.get(k) for k in keys}, **{f"base_{k}": mb.get(k) for k in keys}}
+    res = {**{k: m.get(k) for k in keys}, **{f"base_{k}": mb.get(k) for k in keys}, "cp_score": None}
     res.update(seconds=seconds, cpu_seconds=cpu_seconds, nfe=s["nfe"], params=n_s, base_seconds=None,
                base_nfe=s["nfe"], base_params=n_t, class_acc=m["class_acc"], schedule=args.schedule, keep=args.keep,
                params_teacher=n_t, params_student=n_s, params_ratio=n_s / n_t, macs_teacher=macs_t,
                macs_student=macs_s, macs_ratio=macs_s / macs_t, images_per_s_teacher=ips_t, images_per_s_student=ips_s,
-               speedup=ips_s / ips_t, speedup_cpu=ipc_s / ipc_t, p_concept_mean=float(np.mean(pc)),
-               base_p_concept_mean=float(np.mean(pc_base)), cp_score=None, p_concept=pc,
-               l_ft_final=float(np.mean(log["l_ft"][-50:])))
+               speedup=ips_s / ips_t, speedup_cpu=ipc_s / ipc_t, p_concept=pc, p_concept_mean=float(np.mean(pc)),
+               base_p_concept_mean=float(np.mean(pc_t)), l_ft_final=float(np.mean(log["l_ft"][-50:])),
+               update_ratio=float(np.mean(log["update_ratio"])) if log["update_ratio"] else None)
     ref = C.run_dir("bilevel_prune", args.dataset, f"ref-s{args.seed}") / "metrics.json"   # the CP reference
     r = json.loads(ref.read_text()) if ref.exists() and args.schedule != "distill-only" else {}
     if len(r.get("p_concept") or []) == len(pc):   # the same sampling seeds: same n_per_class and seed
-        res["cp_score"], res["cp_reference"] = float(np.mean(np.array(pc) < np.array(r["p_concept"]))), str(ref)
-    xs = s["x"].view(info.num_classes, args.n_per_class, *s["x"].shape[1:])[:, :g].flatten(0, 1)
-    C.save_grid(torch.cat([xb, xs]), out / "samples.png", nrow=g, highlight_rows=(f, info.num_classes + f))
+        res.update(cp_score=float(np.mean(np.array(pc) < np.array(r["p_concept"]))), cp_reference=str(ref))
+    grid = [z.view(info.num_classes, -1, *z.shape[1:])[:, :g].flatten(0, 1) for z in (xt, x)]
+    C.save_grid(torch.cat(grid), out / "samples.png", nrow=g, highlight_rows=(f, info.num_classes + f))
     print(f"\nsamples: {out / 'samples.png'} (teacher rows 0-{info.num_classes - 1}, student below; class {f} "
           f"framed){'' if res['cp_score'] is not None else f'; no CP score: no reference at {ref}'}")
-    rows = {"teacher": {**{k[5:]: v for k, v in res.items() if k.startswith("base_")}, "MACs": macs_t, "img/s": ips_t},
-            f"student ({args.schedule})": {**res, "MACs": macs_s, "img/s": ips_s}}
-    print(E.table(rows, ["forget_rate", "retain_acc", "fid_retain", "p_concept_mean", "cp_score", "params", "MACs",
-                         "img/s"]))
+    cols = ["forget_rate", "retain_acc", "fid_retain", "p_concept_mean", "cp_score", "params", "MACs", "img/s"]
+    print(E.table({"teacher": {**{k[5:]: v for k, v in res.items() if k[:5] == "base_"}, "MACs": macs_t, "img/s": ips_t},
+                   f"student ({args.schedule})": {**res, "MACs": macs_s, "img/s": ips_s}}, cols))
     return res
 
 
@@ -417,10 +424,9 @@ def main(args: Args):
     C.check_class(C.data_info(args.dataset), args.forget, "--forget class")
     if args.schedule not in ("bilevel", "two-stage", "distill-only"):
         raise C.UsageError(f"unknown --schedule {args.schedule!r}: use bilevel, two-stage or distill-only")
-    if min(args.steps, args.upper_every, args.batch_size, args.esd_batch, args.n_per_class) < 1 or \
-            not 0 < args.keep <= 1:
-        raise C.UsageError("--steps, --upper-every, --batch-size, --esd-batch, --n-per-class must be positive and "
-                           "--keep a share of the teacher's MACs in (0, 1], e.g. 0.55")
+    if min(args.steps, args.upper_every, args.batch_size, args.esd_batch, args.n_per_class) < 1 or not 0 < args.keep <= 1:
+        raise C.UsageError("--steps, --upper-every, --batch-size, --esd-batch, --n-per-class must be positive, --keep "
+                           "a share of the teacher's MACs in (0, 1]")
     dev = C.pick_device(args.device)
     teacher = C.load_base(args.dataset, dev, root=args.data_root).eval().requires_grad_(False)
     clf = E.load_judge(args, dev)
@@ -430,17 +436,11 @@ def main(args: Args):
     out = C.start_run("bilevel_prune", args)
     x, y = C.load_data(args.dataset, args.data_root, "train")
     x_keep, y_keep, x_concept = x[y != args.forget], y[y != args.forget], x[y == args.forget]
-    share = C.n_params(student) / C.n_params(teacher), count_macs(student)[0] / count_macs(teacher)[0]
-    print(f"student: {share[0]:.1%} of the teacher's parameters, {share[1]:.1%} of its MACs; units kept per layer "
+    print(f"student: {count_macs(student)[0] / count_macs(teacher)[0]:.1%} of the teacher's MACs; units kept per layer "
           f"{list(map(len, plan.values()))}")
-
     t0, p0 = time.time(), time.process_time()
     log = train(args, out, teacher, student, x_keep, y_keep, x_concept, dev)
     seconds, cpu_seconds = time.time() - t0, time.process_time() - p0
-    student.eval().requires_grad_(False)
-    C.atomic_save({"config": student.config, "plan": plan, "step": args.steps, "model": student.state_dict(),
-                   "seconds": seconds}, out / "model.pt")
-
     metrics = evaluate(args, out, teacher, student, clf, log, seconds, cpu_seconds)
     E.report(metrics, out / "metrics.json")
     return metrics
