@@ -361,7 +361,7 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
 def default_threads() -> int:
     """CPU threads of torch: OMP_NUM_THREADS if set, else half the cores this process may use (at least 1).
     Half, because torch's default (all cores) collapses as soon as another job shares them: on a 2-core
-    machine with one competing job a pretraining step took 24x longer with 2 threads than with 1."""
+    machine beside one other job a pretraining step took 2.3x (up to 24x) longer with 2 threads than with 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // 2))
 
@@ -483,8 +483,8 @@ def parse_args(cls, argv=None):
     return make_args(cls, **given)
 
 
-POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every", "eval_every",
-            "n_eval", "n_monitor", "monitor_steps"}   # sizes and counts for which 0 means nothing at all
+POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every",
+            "eval_every", "n_eval", "n_monitor", "monitor_steps"}   # sizes and counts for which 0 means nothing
 
 
 def cli(main, args_cls, argv=None):
@@ -661,6 +661,7 @@ class Resume:
 
     def __init__(self, path, key, every: int, **objects):
         self.path, self.every, self.objects = Path(path), every, objects
+        key = {k: v for k, v in key.items() if k != "threads"} if isinstance(key, dict) else key   # any count
         self.key = json.dumps(key, sort_keys=True, default=str)
 
     def load(self) -> int:

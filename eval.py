@@ -658,8 +658,9 @@ def run_program(argv: list, ws: Path, log: Path, threads: int) -> dict:
     and CPU seconds."""
     w0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
+        env = {**os.environ, "UNLEARN_RUNS": str(ws.resolve()), "OMP_NUM_THREADS": str(threads)}
         p = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parent, stdout=out,
-                           stderr=subprocess.STDOUT, env={**os.environ, "UNLEARN_RUNS": str(ws.resolve()), "OMP_NUM_THREADS": str(threads)})
+                           stderr=subprocess.STDOUT, env=env)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {p.returncode}); its output is in {log}")
