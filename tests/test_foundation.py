@@ -498,7 +498,7 @@ def test_two_processes_take_the_steps_of_one(runs_dir):
     common = ["--steps", "12", "--batch-size", "32", "--save-every", "0", "--n-per-class", "1", "--sample-steps", "2"]
     one = run_script("common.py", *common, "--tag", "one-process")
     two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "common.py", *common,
-                     "--tag", "two-processes")
+                     "--tag", "two-processes", "--threads", "1")   # one thread per process and core
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     assert "x 2 processes" in two.stdout
     a, b = (torch.load(C.base_path("digits", t), weights_only=False)["model"] for t in ("one-process", "two-processes"))

@@ -302,7 +302,7 @@ def test_two_gloo_processes_follow_the_curve_of_one(digits_base, digits_classifi
     one = run_script("sfd.py", *flags, "--tag", "one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-                     sys.executable, "-c", DDP_SCRIPT, *flags, "--tag", "two")
+                     sys.executable, "-c", DDP_SCRIPT, *flags, "--tag", "two", "--threads", "1")   # 1 per core
     assert two.returncode == 0, two.stderr[-3000:]
     assert "iterations of batch 16 (2 processes)" in two.stdout
     ranks = [torch.load(runs_dir / "sfd-digits-two" / f"rank{r}.pt") for r in (0, 1)]
