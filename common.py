@@ -270,6 +270,10 @@ class VP:
         n = self.T if steps <= 0 or steps >= self.T else steps
         return range((n - 1) * (self.T // n), -1, -(self.T // n))
 
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per image of sample(..., sampler, steps) without guidance."""
+        return len(self.ddpm_timesteps(steps)) if sampler == "ddpm" else steps
+
     # continuous time ---------------------------------------------------------------------------------
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -314,9 +318,9 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     dev = next(model.parameters()).device
     info = model.info
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out, n_steps = [], len(vp.ddpm_timesteps(steps)) if sampler == "ddpm" else steps
-    bar = tqdm(total=math.ceil(len(c) / batch) * n_steps, desc=f"sampling {len(c)} images ({sampler} {steps})",
-               unit="step", delay=3, leave=False, disable=not progress)
+    out = []
+    bar = tqdm(total=math.ceil(len(c) / batch) * vp.nfe(sampler, steps), unit="step", delay=3, leave=False,
+               desc=f"sampling {len(c)} images ({sampler} {steps})", disable=not progress)
     for c_b in c.split(batch):
         c_b = c_b.to(dev)
         shape = (len(c_b), info.channels, info.size, info.size)

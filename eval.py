@@ -367,8 +367,6 @@ def report(metrics: dict, path=None):
     print(json.dumps(metrics), flush=True)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # RUNS: what every method run reports, computed by the same functions everywhere
 # ----------------------------------------------------------------------------------------------------------
@@ -435,8 +433,8 @@ def evaluate_model(model, clf, args, forget, sampler: str = "ddim", nll: bool = 
     t0 = time.time()
     x = C.sample(model, C.VP(), c.to(dev), sampler, args.sample_steps, seed=args.seed, amp=args.amp)
     secs = time.time() - t0
-    nfe = len(C.VP().ddpm_timesteps(args.sample_steps)) if sampler == "ddpm" else args.sample_steps
-    s = {"x": x, "c": c, "sampler": f"{sampler}-{args.sample_steps}", "nfe": nfe, "null": model.tok["null"]}
+    s = {"x": x, "c": c, "sampler": f"{sampler}-{args.sample_steps}", "nfe": C.VP().nfe(sampler, args.sample_steps),
+         "null": model.tok["null"]}
     m = judge(s, clf, *C.load_data(info.name, args.data_root, "train"), forget)
     m.update(images_per_s=len(x) / secs, params=C.n_params(model))
     if nll and args.n_nll > 0:
@@ -632,7 +630,10 @@ def flags(d: dict) -> list:
     out = []
     for k, v in d.items():
         k = k.replace("_", "-")
-        out += ([f"--{k}"] if v else [f"--no-{k}"]) if isinstance(v, bool) else [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
+        if isinstance(v, bool):
+            out.append(f"--{k}" if v else f"--no-{k}")
+        else:
+            out += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
     return out
 
 
@@ -724,7 +725,7 @@ def _cells(s: dict, clf, K: int, g: int) -> torch.Tensor:
     first the classifier assigns to each class (grey where it drew fewer)."""
     x, c = s["x"], s["c"]
     if not (c < K).any():
-        x, c = x, predict(clf, x)
+        c = predict(clf, x)
     cells = torch.zeros(K, g, *x.shape[1:])
     for k in range(K):
         got = x[c == k][:g]

@@ -247,8 +247,8 @@ def evaluate(model, clf, args: Args, forget, data) -> tuple:
     dev, null = next(model.parameters()).device, model.tok["null"]
     c = torch.full((args.n_samples,), null)
     x = C.sample(model, C.VP(), c.to(dev), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
-    nfe = len(C.VP().ddpm_timesteps(args.sample_steps)) if args.sampler == "ddpm" else args.sample_steps
-    s = dict(x=x, c=c, sampler=f"{args.sampler}-{args.sample_steps}", nfe=nfe, null=null)
+    s = dict(x=x, c=c, sampler=f"{args.sampler}-{args.sample_steps}", nfe=C.VP().nfe(args.sampler, args.sample_steps),
+             null=null)
     m = E.judge(s, clf, x_tr, y_tr, forget)
     m["forget_rate_lo"], m["forget_rate_hi"] = wilson(m["forget_rate"], len(x))
     m.update(E.class_nll(model, xt, yt, forget, args.n_nll, args.nll_tol, conditional=False), params=C.n_params(model))

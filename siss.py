@@ -329,18 +329,16 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device, out):
     for step in (bar := C.tqdm(range(start + 1, args.steps + 1), args.method, args.steps, initial=start)):
         logs.append(unlearn_step(model, alpha_bar, opt, make_batch(*data, args, model.tok, gen, device), args))
         bar.set_postfix(gnorm=f"{logs[-1]['gnorm']:.2f}")
-        if step % args.eval_every and step < args.steps:
-            resume.save(step)
-            continue
-        tr, nr, _, _ = copy_rates(model, ctx, args, args.n_monitor, args.monitor_steps, 1234)
-        cc = C.class_tokens(model.info.num_classes, 10)
-        ra = (E.predict(clf, C.sample(model, C.VP(), cc.to(device), args.sampler, args.monitor_steps, seed=4321))
-              == cc).float().mean().item()
-        curve.append(dict(step=step, copy_rate=tr, copy_rate_uncond=nr, retain_acc=ra, seconds=time.time() - t0))
-        C.tqdm.write(f"step {step:4d}  copies: forget token {tr:.3f}  null {nr:.3f}  retain {ra:.2f}  |g_x| "
-                     f"{logs[-1].get('gnorm_x', 0):.2f}  {time.time() - t0:.0f}s")
-        if state["deletion_step"] is None and tr == 0 and nr == 0:
-            state["deletion_step"] = step
+        if step % args.eval_every == 0 or step == args.steps:   # a point of the curve
+            tr, nr, _, _ = copy_rates(model, ctx, args, args.n_monitor, args.monitor_steps, 1234)
+            cc = C.class_tokens(model.info.num_classes, 10)
+            x = C.sample(model, C.VP(), cc.to(device), args.sampler, args.monitor_steps, seed=4321)
+            ra = (E.predict(clf, x) == cc).float().mean().item()
+            curve.append(dict(step=step, copy_rate=tr, copy_rate_uncond=nr, retain_acc=ra, seconds=time.time() - t0))
+            C.tqdm.write(f"step {step:4d}  copies: forget token {tr:.3f}  null {nr:.3f}  retain {ra:.2f}  |g_x| "
+                         f"{logs[-1].get('gnorm_x', 0):.2f}  {time.time() - t0:.0f}s")
+            if state["deletion_step"] is None and tr == 0 and nr == 0:
+                state["deletion_step"] = step
         resume.save(step)
         if args.stop_at_zero and state["deletion_step"] == step:
             break
