@@ -20,7 +20,7 @@ structured pruning (ResNet inner groups, attention heads, feed-forward groups) m
     python bilevel_prune.py --schedule two-stage --tag two-stage # baseline: fine-tune, then ESD on cross-attention
     python bilevel_prune.py --dataset mnist --device cuda
 
-model.pt holds {"config", "plan", "model"}: `load_student(path)` rebuilds the pruned network and loads it."""
+model.safetensors holds {"config", "plan", "model"}: `load_student(path)` rebuilds the pruned network and loads it."""
 from __future__ import annotations
 
 import copy
@@ -247,8 +247,8 @@ def apply_plan(model, plan: dict):
 
 
 def load_student(path, device="cpu"):
-    """Rebuild the pruned architecture from the plan saved in model.pt, then load its weights."""
-    ck = C.load(path)
+    """Rebuild the pruned architecture from the plan saved in a run's model.safetensors, then load its weights."""
+    ck = C.load(C.model_file(path))
     if "plan" not in ck:
         raise C.UsageError(f"{path} holds no pruning plan: it is not a bilevel_prune student")
     student = apply_plan(C.CondUNet(ck["config"]["dataset"]), ck["plan"])
@@ -281,15 +281,15 @@ def train(args: Args, out, teacher, student, x_keep, y_keep, x_concept, dev) -> 
     """The official schedule (BilevelUnetFineTuner.train): one student, two AdamW optimisers; every iteration a
     lower step on L_ft, every K-th also an upper step on L_CU. The paper's penalty form min_theta max_vartheta
     L_CU(theta) + lam (L_ft(theta) - L_ft(vartheta)) has the theta-gradient grad L_CU + lam grad L_ft: alternating
-    descent with a fixed balance, set in the official code by the lr ratio and K. Resumable; writes model.pt."""
+    descent with a fixed balance, set in the official code by the lr ratio and K. Resumable; writes the model."""
     vp, null = C.VP(), teacher.tok["null"]
     adamw = lambda lr: torch.optim.AdamW(student.parameters(), lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     opt_low, opt_up = adamw(args.lr), adamw(args.lr * args.lr_up_mult)
     ema, scaler = C.EMA(student, args.ema), C.grad_scaler(dev, args.amp)
     vec = lambda: torch.nn.utils.parameters_to_vector(student.parameters())   # for |upper step| / |lower step|
     log, c_star = {"l_ft": [], "l_cu": [], "update_ratio": []}, torch.full((args.batch_size,), args.forget, device=dev)
-    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, student=student, ema=ema, opt_low=opt_low,
-                      opt_up=opt_up, scaler=scaler, log=log)
+    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, args.track and out / "tb", student=student,
+                      ema=ema, opt_low=opt_low, opt_up=opt_up, scaler=scaler, log=log)
     start = resume.load()
     for step in tqdm(range(start, args.steps), desc=args.schedule, total=args.steps, initial=start):
         upper = args.schedule == "bilevel" and (step + 1) % args.upper_every == 0 and step + 1 < args.steps  # ends low
@@ -332,9 +332,9 @@ def train(args: Args, out, teacher, student, x_keep, y_keep, x_concept, dev) -> 
     if args.schedule == "two-stage":
         log["l_esd"] = esd(args, student, dev)
     C.atomic_save({"config": student.config, "plan": student.plan, "step": args.steps, "model": student.state_dict()},
-                  out / "model.pt")
+                  out / "model.safetensors")
     resume.finish()
-    return log
+    return log | {"clock": resume.clock()}   # seconds over every call, when resumed
 
 
 @torch.no_grad()
@@ -393,7 +393,7 @@ def evaluate(args: Args, out, teacher, student, clf, log: dict, seconds: float, 
     m = E.judge(s, clf, *C.load_data(args.dataset, args.data_root, "train"), [f])
     if args.n_nll > 0:
         m.update(E.class_nll(student, *C.load_data(args.dataset, args.data_root, "test"), [f], args.n_nll, args.nll_tol))
-    mb = E.evaluate_base(C.base_path(args.dataset), clf, args, [f])[0]
+    mb = E.evaluate_base(args.base or C.base_path(args.dataset), clf, args, [f])[0]
     p_concept = lambda x: torch.softmax(clf(x[c == f].to(dev)), 1)[:, f].tolist()   # the CLIP score's analogue
     pc, pc_t = p_concept(x), p_concept(xt)
     macs_t, macs_s, n_t, n_s = count_macs(teacher)[0], count_macs(student)[0], C.n_params(teacher), C.n_params(student)
@@ -428,7 +428,7 @@ def main(args: Args):
         raise C.UsageError("--steps, --upper-every, --batch-size, --esd-batch, --n-per-class must be positive, --keep "
                            "a share of the teacher's MACs in (0, 1]")
     dev = C.pick_device(args.device)
-    teacher = C.load_base(args.dataset, dev, root=args.data_root).eval().requires_grad_(False)
+    teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)
     clf = E.load_judge(args, dev)
     C.seed_everything(args.seed)
     plan = prune_plan(teacher, args.keep)          # a UsageError for an unreachable --keep, before any work
@@ -438,9 +438,8 @@ def main(args: Args):
     x_keep, y_keep, x_concept = x[y != args.forget], y[y != args.forget], x[y == args.forget]
     print(f"student: {count_macs(student)[0] / count_macs(teacher)[0]:.1%} of the teacher's MACs; units kept per layer "
           f"{list(map(len, plan.values()))}")
-    t0, p0 = time.time(), time.process_time()
     log = train(args, out, teacher, student, x_keep, y_keep, x_concept, dev)
-    seconds, cpu_seconds = time.time() - t0, time.process_time() - p0
+    seconds, cpu_seconds = log["clock"]["seconds"], log["clock"]["cpu_seconds"]
     metrics = evaluate(args, out, teacher, student, clf, log, seconds, cpu_seconds)
     E.report(metrics, out / "metrics.json")
     return metrics

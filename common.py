@@ -25,6 +25,7 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -32,6 +33,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +166,15 @@ def unet_config(info: DataInfo) -> dict:
 
 class CondUNet(nn.Module):
     """eps_theta(x_t, t, c): `t` in DDPM index units (a float tensor; continuous time t maps to 999 t),
-    `c` a tensor of token ids [B]; the UNet cross-attends to the embeddings of [BOS, c]."""
+    `c` a tensor of token ids [B]; the UNet cross-attends to the embeddings of [BOS, c]. `unet`: the
+    UNet2DConditionModel's config (default: this repository's for the dataset, unet_config)."""
 
-    def __init__(self, dataset: str):
+    def __init__(self, dataset: str, unet: dict | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
         self.info = data_info(dataset)
         self.tok = tokens(self.info)
-        self.config = {"dataset": dataset, "unet": unet_config(self.info), "tokens": self.tok["count"]}
+        self.config = {"dataset": dataset, "unet": unet or unet_config(self.info), "tokens": self.tok["count"]}
         self.unet = UNet2DConditionModel(**self.config["unet"])
         self.token_emb = nn.Embedding(self.tok["count"], self.config["unet"]["cross_attention_dim"])
 
@@ -406,6 +409,11 @@ class RunArgs:
     """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
     threads: int = default_threads()
     """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
+    base: str = ""
+    """start from this model instead of the cached base: a model.safetensors, a run folder, or a diffusers
+    UNet2DConditionModel folder (ours: runs/base-<dataset>/unet; anyone's with this dataset's size/channels)"""
+    track: bool = False
+    """TensorBoard event files of the training losses in <run folder>/tb (pip install tensorboard)"""
     presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000), "cifar10": dict(save_every=5000)}
 
 
@@ -497,7 +505,14 @@ def cli(main, args_cls, argv=None):
     try:
         args = parse_args(args_cls, argv)
         torch.set_num_threads(getattr(args, "threads", default_threads()))
-        return main(args)
+        writable(RUNS)
+        try:
+            return main(args)
+        except OSError as e:   # a full disk or a read-only folder met mid-run: one line, naming the file
+            if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+                raise
+            raise UsageError(f"cannot write {e.filename or ''} ({e.strerror}): free space or make the folder "
+                             f"writable, or point UNLEARN_RUNS at another folder") from None
     except BaseException as e:
         for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
             if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
@@ -578,33 +593,114 @@ def plain(obj):
     return obj
 
 
+def _pack(obj, tensors: dict, at: str):
+    """obj as JSON, its tensors moved into `tensors` under their path in obj (dict keys that are not strings,
+    and tuples, are kept by tagging them)."""
+    obj = plain(obj)
+    if isinstance(obj, torch.Tensor):
+        tensors[at] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": at}
+    under = lambda k: f"{at}/{k}" if at else str(k)   # e.g. "model/unet.conv_in.weight"
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {k: _pack(v, tensors, under(k)) for k, v in obj.items()}
+    if isinstance(obj, dict):
+        return {"__items__": [[k, _pack(v, tensors, under(k))] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_pack(v, tensors, under(i)) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    return obj
+
+
+def _unpack(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: _unpack(v, tensors) for k, v in obj["__items__"]}
+    return {k: _unpack(v, tensors) for k, v in obj.items()}
+
+
 def load(path):
-    """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a checkpoint
-    someone shared cannot run code when loaded (every file this repository writes is of that kind)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a file this repository wrote. Weights (*.safetensors): a format that holds only tensors, and our
+    JSON header, so loading one can run no code; other files (resume states, samples) through torch.load with
+    weights_only=True, which reads tensors, numbers, strings and containers only."""
+    if Path(path).suffix != ".safetensors":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return _unpack(json.loads((f.metadata() or {})["json"]), tensors)
 
 
 def atomic_save(obj, path):
-    """torch.save through a temporary file and a rename: an interrupted save never leaves a broken file, and two
-    processes saving the same path each write their own temporary file (the last rename wins). Numpy values
-    are stored as numbers and tensors (see plain), so that load() reads every file back."""
+    """Write obj (nested dicts / lists of tensors, numbers and strings) to path: safetensors for *.safetensors
+    (the tensors in its body, everything else as JSON in its header; safetensors.torch.load_file reads the
+    tensors), torch.save otherwise. Through a temporary file and a rename: an interrupted save never leaves a
+    broken file, and two processes saving the same path each write their own temporary file (the last rename
+    wins). Numpy values are stored as numbers and tensors (see plain), so that load() reads every file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}.tmp")
     try:
-        torch.save(plain(obj), tmp)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            tensors = {}
+            header = json.dumps(_pack(obj, tensors, ""))
+            save_file(tensors, str(tmp), metadata={"json": header})
+        else:
+            torch.save(plain(obj), tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path, model: CondUNet, step: int, **extra):
+    """A model file (model.safetensors): the config, the step, the weights, and any extra figures."""
     atomic_save({"config": model.config, "step": step, "model": model.state_dict(), **extra}, path)
 
 
-def load_checkpoint(path, dataset: str, device="cpu"):
-    """Return (model, checkpoint dict); refuse a file that is unreadable or made for another dataset/architecture."""
+def _diffusers_unet(folder: Path, dataset: str) -> tuple[CondUNet, dict]:
+    """A UNet2DConditionModel folder (config.json + weights) as a CondUNet: ours (runs/base-<dataset>/unet,
+    whose token table is in the model.safetensors beside it) or anyone's with this dataset's image size and
+    channels (its token table then starts untrained: the classes mean nothing to it until a method trains)."""
+    from diffusers import UNet2DConditionModel
+    info = data_info(dataset)
+    cfg = json.loads((folder / "config.json").read_text())
+    got = (cfg.get("sample_size"), cfg.get("in_channels"), cfg.get("out_channels"))
+    if got != (info.size, info.channels, info.channels):
+        raise UsageError(f"{folder} is a UNet for {got[0]}x{got[0]} images with {got[1]} -> {got[2]} channels; "
+                         f"{dataset} needs {info.size}x{info.size} with {info.channels} -> {info.channels}")
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    model = CondUNet(dataset, {k: v for k, v in unet.config.items() if not k.startswith("_")})
+    model.unet = unet
+    ours = folder.parent / "model.safetensors"
+    table = load(ours).get("model", {}).get("token_emb.weight") if ours.exists() else None
+    if table is not None and table.shape == model.token_emb.weight.shape:
+        model.token_emb.weight.data.copy_(table)
+    else:
+        print(f"{folder}: no token table of this repository beside it; the class tokens start untrained")
+    return model, {"config": model.config, "step": 0, "done": True, "source": str(folder)}
+
+
+def model_file(path) -> Path:
+    """A run folder's model.safetensors, or path itself."""
     path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def load_checkpoint(path, dataset: str, device="cpu"):
+    """Return (model, checkpoint dict) from a model file, a run folder holding one, or a diffusers
+    UNet2DConditionModel folder; refuse (one line) what is unreadable or made for another dataset or shape."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        model, ck = _diffusers_unet(path, dataset)
+        return model.to(device), ck
+    path = model_file(path)
     if not path.exists():
         raise UsageError(f"no checkpoint at {path}")
     try:
@@ -622,11 +718,12 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     if cfg.get("dataset") != dataset:
         raise UsageError(f"{path} was trained on {cfg.get('dataset')!r}, not {dataset!r}: pass --dataset "
                          f"{cfg.get('dataset')} or another checkpoint")
-    model = CondUNet(dataset)
-    if json.dumps(cfg, sort_keys=True) != json.dumps(model.config, sort_keys=True):
-        raise UsageError(f"{path} was made for another architecture than this code builds for {dataset}; "
-                         f"delete it to retrain")
-    model.load_state_dict(ck["model"])
+    try:
+        model = CondUNet(dataset, cfg["unet"])
+        model.load_state_dict(ck["model"])
+    except Exception as e:
+        raise UsageError(f"{path}: its weights do not fit the architecture its config describes "
+                         f"({type(e).__name__})") from None
     return model.to(device), ck
 
 
@@ -650,11 +747,48 @@ def _restore(obj, state):
         obj.load_state_dict(state)
 
 
+class Tracker:
+    """TensorBoard event files (`tensorboard --logdir runs`) fed by a training loop's own logs: lists of numbers
+    (one per step), lists of dicts (one per evaluation, stepped by their "step" or "iter"), dicts of such
+    lists. write() adds what is new since its last call."""
+
+    def __init__(self, folder, logs: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--track writes TensorBoard files and needs tensorboard: pip install tensorboard, "
+                             "or leave out --track") from None
+        self.writer, self.logs, self.done = SummaryWriter(str(folder)), logs, {}
+
+    @staticmethod
+    def series(name, log):
+        if isinstance(log, dict):
+            for k, v in log.items():
+                if isinstance(v, list):
+                    yield from Tracker.series(f"{name}/{k}", v)
+        elif isinstance(log, list) and log and all(isinstance(v, dict) for v in log):
+            for k in dict.fromkeys(k for d in log for k in d if k not in ("step", "iter")):
+                yield f"{name}/{k}", [(d.get("step", d.get("iter", i + 1)), d[k]) for i, d in enumerate(log) if k in d]
+        elif isinstance(log, list):
+            yield name, list(enumerate(log, 1))
+
+    def write(self, skip: bool = False):
+        """Write the new points (skip: only mark them written, after a resume that restored them)."""
+        for name, log in self.logs.items():
+            for tag, points in self.series(name, log):
+                for step, v in points[self.done.get(tag, 0):]:
+                    if not skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.writer.add_scalar(tag, v, step)
+                self.done[tag] = len(points)
+        self.writer.flush()
+
+
 class Resume:
     """A training loop's resumable state. Every `every` steps the named objects (modules, optimisers, EMA,
     grad scalers, torch.Generators, lists or dicts of logs) and the RNG states of torch, numpy and random are
     written atomically to `path`; a rerun whose `key` (the run's arguments) is the same continues after the
-    last save with the same RNG streams, so it ends with the weights an uninterrupted run ends with.
+    last save with the same RNG streams, so it ends with the weights an uninterrupted run ends with. With
+    `track` (a folder), the lists and dicts of logs also go to TensorBoard at every save (see Tracker).
 
         resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model, opt=opt, log=log)
         for step in range(resume.load(), steps):   # 0 on a fresh run
@@ -663,12 +797,26 @@ class Resume:
         resume.finish()                             # the run is complete: the file goes
     """
 
-    def __init__(self, path, key, every: int, **objects):
+    def __init__(self, path, key, every: int, track=None, **objects):
         self.path, self.every, self.objects = Path(path), every, objects
-        key = {k: v for k, v in key.items() if k != "threads"} if isinstance(key, dict) else key   # any count
+        key = {k: v for k, v in key.items() if k not in ("threads", "track")} if isinstance(key, dict) else key
         self.key = json.dumps(key, sort_keys=True, default=str)
+        logs = {k: v for k, v in objects.items() if isinstance(v, (list, dict))}
+        self.tracker = Tracker(track, logs) if track and distributed()[0] == 0 else None
+        self.before, self.t0 = (0.0, 0.0), (time.time(), time.process_time())
+
+    def clock(self) -> dict:
+        """Wall-clock and CPU seconds of the loop so far, over every call that resumed it."""
+        return {"seconds": self.before[0] + time.time() - self.t0[0],
+                "cpu_seconds": self.before[1] + time.process_time() - self.t0[1]}
 
     def load(self) -> int:
+        step = self._load()
+        if self.tracker:
+            self.tracker.write(skip=step > 0)   # what the resumed logs hold went to TensorBoard before
+        return step
+
+    def _load(self) -> int:
         if not self.path.exists():
             return 0
         try:
@@ -687,27 +835,40 @@ class Resume:
         random.setstate(ck["rng"]["random"])
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.before, self.t0 = tuple(ck.get("clock", (0.0, 0.0))), (time.time(), time.process_time())
         print(f"resuming from {self.path} at step {ck['step']}")
         return ck["step"]
 
     def save(self, step: int, force: bool = False):
-        if not (force or (self.every > 0 and step % self.every == 0)) or distributed()[0] != 0:
+        if distributed()[0] != 0:
+            return
+        if self.tracker and (force or step % (self.every or 100) == 0):
+            self.tracker.write()
+        if not (force or (self.every > 0 and step % self.every == 0)):
             return
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        atomic_save({"key": self.key, "step": step, "rng": rng,
+        atomic_save({"key": self.key, "step": step, "rng": rng, "clock": tuple(self.clock().values()),
                      "state": {name: _state(obj) for name, obj in self.objects.items()}}, self.path)
 
     def finish(self):
+        if self.tracker:
+            self.tracker.write()
+            self.tracker.writer.close()
         if distributed()[0] == 0:
             self.path.unlink(missing_ok=True)
 
 
 def file_id(path) -> str:
-    """Identity of a file's contents (size and SHA-1), for cache keys: a rewritten model gets a new one."""
-    h = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
-    return f"{Path(path).stat().st_size}-{h}"
+    """Identity of a file's contents, or a folder's (size and SHA-1), for cache keys: a rewritten model gets
+    a new one."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else "").encode() + f.read_bytes())
+    return f"{sum(f.stat().st_size for f in files)}-{h.hexdigest()[:16]}"
 
 
 def cached(path, key, compute):
@@ -725,6 +886,26 @@ def cached(path, key, compute):
     value = plain(compute())   # the same types on a hit and on a miss
     atomic_save({"key": key, "value": value}, path)
     return value
+
+
+def data_id(x: torch.Tensor, y: torch.Tensor | None = None) -> str:
+    """Identity of a set of images (their count and a hash of every k-th image and label): a model cached
+    for the data at one --data-root is not taken for other data (a subset, another copy) at another."""
+    k = max(1, len(x) // 512)
+    h = hashlib.sha1(x[::k].float().numpy().tobytes() + (b"" if y is None else y[::k].numpy().tobytes()))
+    return f"{len(x)}-{h.hexdigest()[:12]}"
+
+
+def writable(folder) -> Path:
+    """folder, created if need be; a one-line error now, not after the work, when nothing can be written there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder} ({e.strerror}): make it writable, or point UNLEARN_RUNS at "
+                         f"a writable folder") from None
+    return folder
 
 
 def run_dir(method: str, dataset: str, tag: str = "") -> Path:
@@ -819,6 +1000,8 @@ class Args:
     """torch.compile the UNet (CUDA)"""
     save_every: int = 200
     """steps between resumable checkpoints"""
+    track: bool = False
+    """TensorBoard event files of the loss in runs/base-<dataset>[-<tag>]/tb (pip install tensorboard)"""
     seed: int = 0
     """seed for initialisation, batches and noise"""
     tag: str = ""
@@ -832,7 +1015,7 @@ class Args:
 
 
 def base_path(dataset: str, tag: str = "") -> Path:
-    return run_dir("base", dataset, tag) / "model.pt"
+    return run_dir("base", dataset, tag) / "model.safetensors"
 
 
 def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
@@ -860,12 +1043,20 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
     data-parallel under torchrun (each process draws batch_size / world images; rank 0 writes)."""
     hp = make_args(Args, dataset=dataset, **recipe)
     path = Path(out) if out else base_path(dataset, tag)
-    if path.exists() and not force and load_checkpoint(path, dataset)[1].get("done"):
-        return path
+    x, y = training_set(dataset, root, extra, drop_classes)
+    data, again = data_id(x, y), "retrain it (python common.py --force ...) or point UNLEARN_RUNS elsewhere"
+    if path.exists() and not force:
+        ck = load_checkpoint(path, dataset)[1]
+        same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)   # tuples = lists
+        if not same(ck["config"]["unet"], unet_config(data_info(dataset))):
+            raise UsageError(f"{path} was made for another architecture than this code builds for {dataset}: {again}")
+        if ck.get("data", data) != data:
+            raise UsageError(f"{path} was trained on other images than those of {dataset} at {root}: {again}")
+        if ck.get("done"):
+            return path
     rank, world = distributed()
     if hp.batch_size % world:
         raise UsageError(f"--batch-size {hp.batch_size} must be a multiple of the {world} processes")
-    x, y = training_set(dataset, root, extra, drop_classes)
     tok, vp, device = tokens(data_info(dataset)), VP(), torch.device(device)
     x = x.to(device)   # the whole split lives on the device (CIFAR-10: 0.6 GB): no loader workers, no per-step copies
     seed_everything(hp.seed)                            # the same initial weights in every process
@@ -878,13 +1069,15 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     key = dict(dataclasses.asdict(hp), tag=tag, drop=sorted(drop_classes), n=len(x), out=str(path))
-    resume = Resume(path.with_name("resume.pt"), key, hp.save_every, model=model, ema=ema, opt=opt, scaler=scaler)
+    losses = []
+    resume = Resume(path.with_name("resume.pt"), key, hp.save_every, hp.track and path.with_name("tb"), model=model,
+                    ema=ema, opt=opt, scaler=scaler, loss=losses)
     start = resume.load()           # restores the RNG streams too: a resumed run continues the same batches
     if rank == 0:
         print(f"pretraining {dataset}{'/' + tag if tag else ''}: {n_params(model) / 1e6:.2f}M parameters, "
               f"{len(x)} images, {hp.steps} steps of batch {hp.batch_size} on {device}"
               + (f" x {world} processes" if world > 1 else ""))
-    t0, losses, n = time.time(), [], hp.batch_size
+    n = hp.batch_size
     mine = slice(rank * n // world, (rank + 1) * n // world)
     bar = tqdm(range(start, hp.steps), initial=start, total=hp.steps, desc="pretrain", disable=rank > 0)
     for step in bar:
@@ -915,11 +1108,11 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
                              f"try a smaller --lr")
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if ((step + 1) % 200 == 0 or step + 1 == hp.steps) and rank == 0:
-            tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {time.time() - t0:6.0f}s")
+            tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {resume.clock()['seconds']:6.0f}s")
         resume.save(step + 1)
     if rank == 0:
-        save_checkpoint(path, ema.model, hp.steps, done=True, seconds=time.time() - t0, hp=dataclasses.asdict(hp),
-                        **({"dropped": sorted(drop_classes)} if drop_classes else {}))
+        save_checkpoint(path, ema.model, hp.steps, done=True, seconds=resume.clock()["seconds"], data=data,
+                        hp=dataclasses.asdict(hp), **({"dropped": sorted(drop_classes)} if drop_classes else {}))
         # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet), safetensors
         ema.model.unet.save_pretrained(path.parent / "unet")
     resume.finish()
@@ -932,6 +1125,23 @@ def load_base(dataset: str = "digits", device="cpu", tag: str = "", extra=None, 
     """The cached base model (EMA weights), pretrained first if absent. Frozen copies are the caller's business."""
     path = pretrain(dataset, tag, extra, device=device, **kw)
     return load_checkpoint(path, dataset, device)[0]
+
+
+def base_model(args, device, **kw) -> tuple[CondUNet, Path]:
+    """(model, path) a method starts from: --base (a model file, a run folder or a diffusers UNet folder)
+    if given, else the cached base model of the dataset, pretrained first if absent."""
+    if args.base:
+        return load_checkpoint(args.base, args.dataset, device)[0], Path(args.base)
+    path = pretrain(args.dataset, device=device, root=args.data_root, **kw)
+    return load_checkpoint(path, args.dataset, device)[0], path
+
+
+def cache_beside(path, name: str) -> Path:
+    """Where a cached figure about the model at `path` goes: beside it inside the runs folder; for a model
+    elsewhere (--base of someone else's), in runs/cache/, never in the other folder."""
+    path = Path(path).resolve()
+    inside = path.is_relative_to(RUNS.resolve())
+    return (path.parent if inside else RUNS / "cache") / name
 
 
 def main(args: Args):

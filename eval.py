@@ -10,7 +10,7 @@
               by the same functions, its model-bound figures read from its metrics.json
 
     python eval.py                                  # digits, the cached base model
-    python eval.py --ckpt runs/x/model.pt --forget 0,3
+    python eval.py --ckpt runs/siss-digits --forget 0,3
     python eval.py compare                          # five methods + base + retrain, 3 seeds: runs/compare-digits/
     python eval.py compare --dataset mnist --device cuda
 """
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -58,10 +59,11 @@ class Classifier(nn.Module):
 
 
 def train_classifier(dataset: str, root: str = "data", device="cpu", epochs: int = 0, seed: int = 0):
-    """Train on the train split with +-1 pixel shifts (generated digits are rarely centred exactly)."""
+    """Train on the train split with +-1 pixel shifts (generated digits are rarely centred exactly). Epochs:
+    60 on digits, else as many as make about 2,300 updates (5 epochs of the full MNIST; more on a subset)."""
     info = C.data_info(dataset)
     x, y = C.load_data(dataset, root, "train")
-    epochs = epochs or (60 if dataset == "digits" else 5)
+    epochs = epochs or (60 if dataset == "digits" else max(5, math.ceil(2300 * 128 / len(x))))
     C.seed_everything(seed)
     clf = Classifier(info.channels, info.num_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
@@ -83,9 +85,11 @@ def train_classifier(dataset: str, root: str = "data", device="cpu", epochs: int
 
 
 def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -> Classifier:
-    """The cached classifier (trained on first use); its held-out accuracy is `clf.test_acc`."""
+    """The cached classifier (trained on first use, and again for other data at `root`); its held-out
+    accuracy is `clf.test_acc`."""
     info = C.data_info(dataset)
-    path = C.RUNS / f"classifier-{dataset}" / "model.pt"
+    path, data = C.RUNS / f"classifier-{dataset}" / "model.safetensors", C.data_id(*C.load_data(dataset, root))
+    ck = {}
     if path.exists():
         try:
             ck = C.load(path)
@@ -93,10 +97,14 @@ def load_classifier(dataset: str = "digits", root: str = "data", device="cpu") -
             clf.load_state_dict(ck["model"])
         except Exception:
             raise C.UsageError(f"cannot read classifier checkpoint {path}; delete it to retrain") from None
+    if ck.get("data") == data:
         acc = ck["test_acc"]
     else:
         clf, acc = train_classifier(dataset, root, device)
-        C.atomic_save({"model": clf.state_dict(), "test_acc": acc}, path)
+        C.atomic_save({"model": clf.state_dict(), "test_acc": acc, "data": data}, path)
+    if acc < 0.95:
+        print(f"warning: the {dataset} classifier that judges samples reaches only {acc:.1%} held-out accuracy "
+              f"(few training images at {root}?): its accuracy and FID figures are rough")
     clf = clf.to(device).eval().requires_grad_(False)
     clf.test_acc = acc
     return clf
@@ -457,7 +465,7 @@ def evaluate_base(path, clf, args, forget, sampler: str = "ddim", conditional: b
         m, s = evaluate_model(model, clf, args, forget, sampler, conditional=conditional)
         n = args.n_per_class
         return m, s["x"].view(-1, n, *s["x"].shape[1:])[:, :10].flatten(0, 1)
-    return C.cached(Path(path).parent / f"eval-{name}.pt", key, compute)
+    return C.cached(C.cache_beside(path, f"eval-{name}.safetensors"), key, compute)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,7 +479,8 @@ class Args:
     threads: int = C.default_threads()
     """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
     ckpt: str = ""
-    """model checkpoint; empty = the cached base model (pretrained first if absent)"""
+    """model to evaluate: a model.safetensors, a run folder or a diffusers UNet folder; empty = the cached
+    base model (pretrained first if absent)"""
     forget: str = ""
     """comma-separated classes counted as forgotten (e.g. 0,3); empty = none"""
     n_per_class: int = 100
@@ -506,6 +515,8 @@ def main(args: Args):
     forget = C.parse_classes(args.forget, info, "forget class")
     dev = C.pick_device(args.device)
     t0 = time.time()
+    where = Path(args.ckpt) if args.ckpt else C.base_path(args.dataset)   # eval.json goes beside the model
+    where = C.writable(where if where.is_dir() and not (where / "config.json").exists() else where.parent)
     if args.ckpt:   # checked first: a bad checkpoint must fail before anything is trained or written
         model, ck = C.load_checkpoint(args.ckpt, args.dataset, dev)
         if ck.get("method") == "sfd":   # same network, but it maps noise to an image in one call
@@ -531,8 +542,7 @@ def main(args: Args):
     print()
     print(table({"model": m}, ["classifier_test_acc", "sample_acc", "retain_acc", "forget_rate", "fid_retain",
                                "fid_real_test", "is", "nll_real_bpd", "nll_noise_bpd"]))
-    ckpt_dir = Path(args.ckpt).parent if args.ckpt else C.base_path(args.dataset).parent
-    report(m, ckpt_dir / "eval.json")
+    report(m, where / "eval.json")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -774,11 +784,12 @@ def compare(a: CompareArgs) -> dict:
     # the cached base and classifier (trained first if absent), copied into the workspace
     base_src = C.pretrain(a.dataset, device=dev, root=a.data_root)
     clf = load_judge(a, dev)
-    for src in (base_src, C.RUNS / f"classifier-{a.dataset}" / "model.pt"):
+    for src in (base_src, base_src.parent / "unet", C.RUNS / f"classifier-{a.dataset}" / "model.safetensors"):
         dst = ws / src.relative_to(C.RUNS)
         if not dst.exists() or C.file_id(dst) != C.file_id(src):
+            shutil.rmtree(dst, ignore_errors=True)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(src.read_bytes())
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
     x_real, y_real = C.load_data(a.dataset, a.data_root, "train")
     x_test, y_test = C.load_data(a.dataset, a.data_root, "test")
     (ws / "records").mkdir(parents=True, exist_ok=True)
@@ -798,9 +809,9 @@ def compare(a: CompareArgs) -> dict:
         m = judge(s, clf, x_real, y_real, [a.forget])
         ran = json.loads((folder / "metrics.json").read_text())
         if name in ("base", "retrain"):   # models of common.py, which reports no NLL: computed here, cached
-            path = folder / "model.pt"
+            path = folder / "model.safetensors"
             key = dict(model=C.file_id(path), forget=a.forget, n=b["eval"]["n_nll"], tol=b["eval"]["nll_tol"])
-            ran.update(C.cached(folder / f"nll-{a.forget}.pt", key, lambda: class_nll(
+            ran.update(C.cached(folder / f"nll-{a.forget}.safetensors", key, lambda: class_nll(
                 C.load_checkpoint(path, a.dataset, dev)[0], x_test, y_test, [a.forget], key["n"], key["tol"])))
             ran["seconds"] = ran["seconds"] if name == "retrain" else None
         m.update({k: ran.get(k) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd", "seconds",

@@ -12,7 +12,7 @@ the model score s_theta = -eps_theta(x_t, t) / sigma(t) and the conditional scor
 
 Training is score_sde's continuous-time VP-SDE (beta 0.1..20, t ~ U(1e-5, 1), network time 999 t); the model is
 unconditional (common.CondUNet always gets the null token) and the class labels only say which images are
-undesirable. Every run folder holds model.pt (C.load_checkpoint(path, dataset) loads it; sample it under the
+undesirable. Every run folder holds model.safetensors (C.load_checkpoint(folder, dataset) loads it; sample it under the
 null token), samples.pt (unconditional samples), samples.png and metrics.json.
 
     python msgm.py                                    # digits, CPU: Obtuse-MSGM fine-tuned from the base
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -172,8 +171,9 @@ def recipe(args: Args, scratch: bool) -> dict:
                 lr=args.scratch_lr if scratch else args.lr, warmup=args.warmup if scratch else 0, ema=args.ema)
 
 
-def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict, device, desc: str):
-    """Adam, linear warm-up, global grad-norm clip 1.0, EMA (released run_lib3.py:train); returns the EMA model.
+def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict, device, desc: str, track=None):
+    """Adam, linear warm-up, global grad-norm clip 1.0, EMA (released run_lib3.py:train); returns the EMA model
+    and the training seconds (over every call, when resumed); track: a folder for TensorBoard files.
     x_forget None: plain DSM on x_keep (normal, retrain); else MSGM (args.task) on kept + undesirable batches.
     Resumable: a rerun with the same key (what defines this model) continues from the last save in resume_path."""
     model = model.to(device).train()
@@ -182,9 +182,8 @@ def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict,
     scaler, log = C.grad_scaler(device, args.amp), []
     eps_fn = unconditional(torch.compile(model) if args.compile else model)
     task, B, flip = args.task if x_forget is not None else None, hp["batch_size"], model.info.name == "cifar10"
-    resume = C.Resume(resume_path, key, args.save_every, model=model, ema=ema,
-                      opt=opt, scaler=scaler, log=log)
-    start, t0 = resume.load(), time.time()
+    resume = C.Resume(resume_path, key, args.save_every, track, model=model, ema=ema, opt=opt, scaler=scaler, log=log)
+    start = resume.load()
     bar = tqdm(range(start, hp["steps"]), initial=start, total=hp["steps"], desc=desc)
     for step in bar:
         x_k = x_keep[torch.randint(len(x_keep), (B,))].to(device)
@@ -210,28 +209,27 @@ def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict,
             bar.set_postfix(retain=f"{k[:, 0].mean():.4f}", forget=f"{k[:, 1].nanmean():.4f}")
             if (step + 1) % 500 == 0:
                 tqdm.write(f"{desc} step {step + 1}: retain {k[:, 0].mean():.4f}  forget {k[:, 1].nanmean():.4f}  "
-                           f"{time.time() - t0:.0f}s")
+                           f"{resume.clock()['seconds']:.0f}s")
         resume.save(step + 1)
     resume.finish()
-    return ema.model
+    return ema.model, resume.clock()["seconds"]
 
 
 def scratch_model(args: Args, x, classes: list, device):
     """Plain DSM from scratch on images x of the given classes (normal: all, retrain: the kept ones), trained
-    once per recipe and seed and cached: runs/msgm-<dataset>-dsm-c<classes>-s<seed>/model.pt."""
+    once per recipe and seed and cached: runs/msgm-<dataset>-dsm-c<classes>-s<seed>/model.safetensors."""
     folder = C.run_dir("msgm", args.dataset, f"dsm-c{''.join(map(str, classes))}-s{args.seed}")
     key = dict(recipe(args, scratch=True), classes=classes, n=len(x), seed=args.seed)
 
     def compute():
         C.seed_everything(args.seed)
-        t0 = time.time()
-        model = train(C.CondUNet(args.dataset), x, None, args, recipe(args, True), folder / "resume.pt", key, device,
-                      folder.name)
-        return {"model": model.state_dict(), "seconds": time.time() - t0}
-    ck = C.cached(folder / "model.pt", key, compute)
+        model, seconds = train(C.CondUNet(args.dataset), x, None, args, recipe(args, True), folder / "resume.pt",
+                               key, device, folder.name, args.track and folder / "tb")
+        return {"model": model.state_dict(), "seconds": seconds}
+    ck = C.cached(folder / "model.safetensors", key, compute)
     model = C.CondUNet(args.dataset)
     model.load_state_dict(ck["model"])
-    return model.to(device), ck["seconds"], folder / "model.pt"
+    return model.to(device), ck["seconds"], folder / "model.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +273,8 @@ def evaluate_fixed(path, model, clf, args: Args, forget, data) -> tuple:
     def compute():
         m, s = evaluate(model, clf, args, forget, data)
         return m, s["x"][:32]
-    return C.cached(path.parent / f"msgm-eval-f{''.join(map(str, forget))}-s{args.seed}.pt", key, compute)
+    return C.cached(C.cache_beside(path, f"msgm-eval-f{''.join(map(str, forget))}-s{args.seed}.safetensors"), key,
+                    compute)
 
 
 COLS = ["share", "fid_retain", "retain_acc", "nll_forget_bpd", "nll_kept_bpd", "cos_forget@0.02", "cos_forget@0.1",
@@ -296,6 +295,8 @@ def check(args: Args, info) -> list:
     if min(args.forget_every, args.steps, args.scratch_steps, args.batch_size, args.n_nll) < 1 or args.n_samples < 2:
         raise C.UsageError("--forget-every, --steps, --scratch-steps, --batch-size and --n-nll must be >= 1, "
                            "--n-samples >= 2")
+    if args.base and not args.finetune:
+        raise C.UsageError("--base is the model that fine-tuning starts from: add --finetune, or leave out --base")
     if args.sampler not in ("ddim", "ddpm", "em"):
         raise C.UsageError(f"unknown --sampler {args.sampler!r}: use ddim, ddpm or em")
     return sorted(set(forget))
@@ -316,7 +317,7 @@ def main(args: Args):
                                                                       "every model from scratch"))
     rows, grid = {}, {}
     if args.finetune:    # normal = the base model (its null-token path); MSGM starts from a copy of it
-        normal, path = C.load_base(info.name, device, root=args.data_root), C.base_path(info.name)
+        normal, path = C.base_model(args, device)
         m, grid["normal"] = evaluate_fixed(path, normal, clf, args, forget, data)
         rows["normal (base)"] = dict(m, seconds=None)
     else:                # normal, retrain and MSGM on one recipe, from scratch
@@ -327,11 +328,9 @@ def main(args: Args):
             rows[name] = dict(m, seconds=secs)
     C.seed_everything(args.seed)
     start = copy.deepcopy(normal) if args.finetune else C.CondUNet(info.name)
-    t0 = time.time()
-    model = train(start, x_keep, x_forget, args, recipe(args, not args.finetune), out / "resume.pt", asdict(args),
-                  device, args.task)
-    seconds = time.time() - t0
-    C.save_checkpoint(out / "model.pt", model, recipe(args, not args.finetune)["steps"], args=asdict(args))
+    model, seconds = train(start, x_keep, x_forget, args, recipe(args, not args.finetune), out / "resume.pt",
+                           asdict(args), device, args.task, args.track and out / "tb")
+    C.save_checkpoint(out / "model.safetensors", model, recipe(args, not args.finetune)["steps"], args=asdict(args))
     name = ("Orthogonal" if args.task == "square" else "Obtuse") + "-MSGM" + (" (released)" if args.released else "")
     m, s = evaluate(model, clf, args, forget, data)
     rows[name] = dict(m, seconds=seconds)

@@ -19,12 +19,12 @@ start from the base model's EMA weights; the generator is the eps-network evalua
     python sfd.py                                        # digits, forget 0 -> draws 1, CPU, about 5 minutes
     python sfd.py --forget 3 --override 8 --tag f3
     python sfd.py --forget none --tag sid                # plain SiD distillation (stage 1 of "SFD-Two Stage")
-    python sfd.py --init runs/sfd-digits-sid/model.pt --tag 2stage     # stage 2: SFD from the SiD generator
-    python sfd.py --init runs/sfd-digits/model.pt --iters 0 --tag re   # only evaluate a finished generator
+    python sfd.py --init runs/sfd-digits-sid --tag 2stage     # stage 2: SFD from the SiD generator
+    python sfd.py --init runs/sfd-digits --iters 0 --tag re   # only evaluate a finished generator
     python sfd.py --dataset mnist --device cuda --amp    # the paper's values: 50k iterations, batch 128, lr 1e-5
     torchrun --nproc_per_node 4 sfd.py --dataset cifar10 --amp --compile   # data-parallel, as the official runs
 
-A run writes runs/sfd-<dataset>[-<tag>]/: model.pt (the EMA generator, loaded again by --init; also the fake
+A run writes runs/sfd-<dataset>[-<tag>]/: model.safetensors (the EMA generator, loaded again by --init; also the fake
 score and the raw generator for a second stage), samples.pt (one-step samples, n_per_class per class),
 samples.png, metrics.json. --sample-steps sets the DDIM steps of the base model it is compared with.
 """
@@ -72,7 +72,8 @@ class Args(C.RunArgs):
     ema: float = 0.95
     """generator EMA decay (cifar10_sfd.yml: 0.9999; digits: 0.95, for a run of a few hundred iterations)"""
     init: str = ""
-    """model.pt of an earlier sfd.py run to continue from (two-stage: generator and fake score from it)"""
+    """an earlier sfd.py run (its folder or model.safetensors) to continue from (two-stage: generator and fake
+    score from it)"""
     log_every: int = 50
     """iterations between log lines (losses; forget / override rate and retain accuracy of 30 probe samples
     per class) and sample grids"""
@@ -241,9 +242,9 @@ def train(args: Args, teacher, gen, fake, forget, clf, out):
     # A resumable checkpoint every save_every iterations; the official loop saves every 5,000 (snapshot_freq of
     # configs/cifar10_sfd.yml, runners/diffusion.py::train_sfd), but cannot resume from it.
     curve, clock = [], {"seconds": 0.0, "cpu_seconds": 0.0}
-    resume = C.Resume(out / "resume.pt", dict(asdict(args), world=world), args.save_every, gen=gen, fake=fake,
-                      ema=ema, opt_g=opt_g, opt_fake=opt_fake, scaler_g=scaler_g, scaler_fake=scaler_fake,
-                      curve=curve, clock=clock)
+    resume = C.Resume(out / "resume.pt", dict(asdict(args), world=world), args.save_every, args.track and out / "tb",
+                      gen=gen, fake=fake, ema=ema, opt_g=opt_g, opt_fake=opt_fake, scaler_g=scaler_g,
+                      scaler_fake=scaler_fake, curve=curve, clock=clock)
     start = resume.load()                      # one process: restores the RNG streams exactly
     if world > 1:                              # several: each its own labels and noise (fresh ones on a resume)
         torch.manual_seed(args.seed + 1000 * rank + start)
@@ -302,7 +303,7 @@ def evaluate(args: Args, gen, clf, forget, out) -> dict:
     m = E.judge(dict(x=x, c=c, sampler="sfd-1step", nfe=1, null=gen.tok["null"]), clf,
                 *C.load_data(args.dataset, args.data_root, "train"), fset)
     m |= dict(params=C.n_params(gen), images_per_s=len(x) / secs)
-    base, _ = E.evaluate_base(C.base_path(args.dataset), clf, args, fset)
+    base, _ = E.evaluate_base(args.base or C.base_path(args.dataset), clf, args, fset)
     for r in (m, base):   # the share of the samples asked for the forget class classified as the override class
         row = None if forget is None else r["confusion"][forget]
         r["override_rate"] = None if row is None else row[args.override] / sum(row)
@@ -345,11 +346,11 @@ def check_args(args: Args):
     if args.init:
         _, init = C.load_checkpoint(args.init, args.dataset)
         if init.get("method") != "sfd":
-            raise C.UsageError(f"{args.init} is not an sfd.py run (no fake score in it): pass runs/sfd-*/model.pt")
+            raise C.UsageError(f"{args.init} is not an sfd.py run (no fake score in it): pass a runs/sfd-* folder")
         if init["t_init"] != args.t_init:
             raise C.UsageError(f"{args.init} was trained with --t-init {init['t_init']}: pass the same value")
     elif args.iters == 0:
-        raise C.UsageError("--iters 0 only evaluates, which needs --init runs/sfd-.../model.pt")
+        raise C.UsageError("--iters 0 only evaluates, which needs --init runs/sfd-...")
     return info, forget, init
 
 
@@ -362,7 +363,7 @@ def main(args: Args):
 
     # Three copies of the base model's EMA weights (init_from_ema in the official configs): frozen teacher phi,
     # fake score psi, generator theta.
-    teacher = C.load_base(args.dataset, dev, root=args.data_root).eval().requires_grad_(False)
+    teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)
     fake, gen = copy.deepcopy(teacher), copy.deepcopy(teacher)
     if init is not None:
         # Two-stage: psi from the stage-1 fake score, theta from the stage-1 EMA generator. The official code also
@@ -381,7 +382,7 @@ def main(args: Args):
     ema_gen, curve, clock = train(args, teacher, gen, fake, forget, clf, out)
     if rank != 0:
         return None
-    C.save_checkpoint(out / "model.pt", ema_gen, args.iters + (init["step"] if init else 0), method="sfd",
+    C.save_checkpoint(out / "model.safetensors", ema_gen, args.iters + (init["step"] if init else 0), method="sfd",
                       t_init=args.t_init, forget=forget, override=args.override, fake=fake.state_dict(),
                       generator_raw=gen.state_dict(), args=asdict(args))
     metrics = evaluate(args, ema_gen, clf, forget, out)

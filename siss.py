@@ -21,7 +21,7 @@ digits under a spare token is memorised by its base; SISS unlearns the copies (n
     python siss.py --forget-idx 5,17,42              # forget three training images
     python siss.py --dataset mnist --device cuda     # the paper's MNIST T-shirt benchmark (needs Fashion-MNIST)
 
-A run writes runs/siss-<dataset>[-<tag>]/: args.json, model.pt (C.load_checkpoint(path, dataset) loads it;
+A run writes runs/siss-<dataset>[-<tag>]/: args.json, model.safetensors (C.load_checkpoint(folder, dataset);
 --init path unlearns further from it), samples.pt, samples.png, metrics.json.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Args(C.RunArgs):
     outlier_copies: int = 80
     """copies of the outlier in its base's training set (digits: 5%, see the README; mnist: 1%, the paper)"""
     init: str = ""
-    """start from this checkpoint (e.g. a run's model.pt) instead of the base; the base stays the reference"""
+    """start from this model (e.g. an earlier run folder) instead of the base; the base stays the reference"""
     steps: int = 300
     """most optimizer steps (32x32 data: the paper's MNIST sweep)"""
     batch_size: int = 64
@@ -139,13 +139,15 @@ def scenario(args: Args, device):
         tag = "outlier" if n == C.make_args(Args, dataset=args.dataset).outlier_copies else f"outlier{n}"
         x, y = C.training_set(args.dataset, args.data_root, extra)
         forget = torch.arange(len(x) - n, len(x))
-        base = C.load_base(args.dataset, device, tag=tag, extra=extra, root=args.data_root)
     else:
         x, y = C.training_set(args.dataset, args.data_root)
         forget = torch.nonzero(y == int(args.forget)).flatten() if args.mode == "class" else \
             torch.tensor(sorted({int(i) for i in args.forget_idx.split(",")}))
-        tag, base = "", C.load_base(args.dataset, device, root=args.data_root)
+        tag, extra = "", None
     keep = torch.nonzero(~torch.isin(torch.arange(len(x)), forget)).flatten()
+    if args.base:   # the given model (in outlier mode it should have been trained with those copies)
+        return (*C.base_model(args, device), x, y, keep, forget)
+    base = C.load_base(args.dataset, device, tag=tag, extra=extra, root=args.data_root)
     return base, C.base_path(args.dataset, tag), x, y, keep, forget
 
 
@@ -322,9 +324,9 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device, out):
     alpha_bar = C.VP().alpha_bar.to(device, torch.float32 if device.type == "mps" else torch.float64)
     model.train().requires_grad_(True)   # the base's EMA weights; no EMA while unlearning (official)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    curve, logs, state, t0 = [], [], {"deletion_step": None}, time.time()
-    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model, opt=opt, gen=gen, curve=curve,
-                      logs=logs, state=state)
+    curve, logs, state = [], [], {"deletion_step": None}
+    resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, args.track and out / "tb", model=model, opt=opt,
+                      gen=gen, curve=curve, logs=logs, state=state)
     step = start = resume.load()
     for step in (bar := C.tqdm(range(start + 1, args.steps + 1), args.method, args.steps, initial=start)):
         logs.append(unlearn_step(model, alpha_bar, opt, make_batch(*data, args, model.tok, gen, device), args))
@@ -334,9 +336,9 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device, out):
             cc = C.class_tokens(model.info.num_classes, 10)
             x = C.sample(model, C.VP(), cc.to(device), args.sampler, args.monitor_steps, seed=4321)
             ra = (E.predict(clf, x) == cc).float().mean().item()
-            curve.append(dict(step=step, copy_rate=tr, copy_rate_uncond=nr, retain_acc=ra, seconds=time.time() - t0))
+            curve.append(dict(step=step, copy_rate=tr, copy_rate_uncond=nr, retain_acc=ra, **resume.clock()))
             C.tqdm.write(f"step {step:4d}  copies: forget token {tr:.3f}  null {nr:.3f}  retain {ra:.2f}  |g_x| "
-                         f"{logs[-1].get('gnorm_x', 0):.2f}  {time.time() - t0:.0f}s")
+                         f"{logs[-1].get('gnorm_x', 0):.2f}  {curve[-1]['seconds']:.0f}s")
             if state["deletion_step"] is None and tr == 0 and nr == 0:
                 state["deletion_step"] = step
         resume.save(step)
@@ -344,7 +346,7 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device, out):
             break
     resume.finish()
     gx = [v["gnorm_x"] for v in logs if "gnorm_x" in v]
-    return model.eval().requires_grad_(False), {"seconds": time.time() - t0, "steps_run": step, "curve": curve,
+    return model.eval().requires_grad_(False), {"seconds": resume.clock()["seconds"], "steps_run": step, "curve": curve,
                                                 "grad_norm_keep_mean": sum(gx) / len(gx) if gx else None, **state}
 
 
@@ -396,8 +398,8 @@ def evaluate_base(base, path, clf, ctx: dict, args: Args):
     keys = ("forget", "forget_idx", "n_eval", "n_per_class", "sample_steps", "sampler", "n_nll", "nll_tol",
             "copy_threshold", "seed", "data_root")
     key = dict(model=C.file_id(path), **{k: getattr(args, k) for k in keys})
-    name = f"siss-eval-{'idx' if args.forget_idx else args.forget}-s{args.seed}-{args.sampler}.pt"
-    return C.cached(path.parent / name, key, lambda: evaluate(base, clf, ctx, args))
+    name = f"siss-eval-{'idx' if args.forget_idx else args.forget}-s{args.seed}-{args.sampler}.safetensors"
+    return C.cached(C.cache_beside(path, name), key, lambda: evaluate(base, clf, ctx, args))
 
 
 def grid(base_s: dict, res_s: dict, ctx: dict, k: int = 16):
@@ -426,7 +428,7 @@ def main(args: Args):
 
     model = C.load_checkpoint(args.init, args.dataset, device)[0] if args.init else base
     model, log = unlearn(model, clf, (x, y, keep, forget), ctx, args, device, out)
-    C.save_checkpoint(out / "model.pt", model, log["steps_run"], args=asdict(args))
+    C.save_checkpoint(out / "model.safetensors", model, log["steps_run"], args=asdict(args))
 
     res_m, res_s = evaluate(model, clf, ctx, args)
     C.save_samples(out, res_s["x"], res_s["c"], res_s["sampler"], res_s["nfe"], res_s["null"])

@@ -14,7 +14,7 @@ prompts (null, watermark trigger, the other erasable concepts):
 Protected prompts keep their keys and values under any sum of shifts: erasing S is theta + sum_{k in S} dW_k,
 restoring j drops dW_j exactly, the watermark survives every combination, and the shifts train one at a time
 (optimisation decoupling). Regular concepts (never protected) are preserved only approximately. The run folder
-keeps each shift (shifts/) and model.pt, read back by `load_model(path, device)`: base + the erased shifts.
+keeps each shift (shifts/) and model.safetensors, read back by `load_model(path, device)`: base + the erased shifts.
 
     python srs_me.py                              # Scene 1 on digits: erase 0-5, restore 0,1, then 2 (CPU)
     python srs_me.py --erase 3                    # erase one concept (the other erasable ones stay protected)
@@ -171,9 +171,9 @@ def combine(model, shifts: dict, concepts) -> torch.nn.Module:
 
 
 def load_model(path, device="cpu", concepts=None) -> torch.nn.Module:
-    """A run's model.pt as a model: its base checkpoint plus the shifts of `concepts` (default: those erased at
-    the run's first step). Refuses a base file that changed since the shifts were trained."""
-    ck = C.load(path)
+    """A run (its folder or model.safetensors) as a model: its base plus the shifts of `concepts` (default: those
+    erased at the run's first step). Refuses a base that changed since the shifts were trained."""
+    ck = C.load(C.model_file(path))
     if C.file_id(ck["base"]) != ck["base_id"]:
         raise C.UsageError(f"{ck['base']} is not the base the shifts in {path} were trained for: run again")
     return combine(C.load_checkpoint(ck["base"], ck["dataset"], device)[0], ck["shifts"],
@@ -277,7 +277,7 @@ def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tu
 
     hp = {h: getattr(args, h) for h in ("scale_factor lr tau alpha reg_beta min_steps max_steps max_base batch_size "
                                         "n_train_images zero_grad sample_steps seed").split()}
-    got = [C.cached(folder / f"{'joint' if len(g) > 1 else 'concept'}_{''.join(map(str, g))}.pt",
+    got = [C.cached(folder / f"{'joint' if len(g) > 1 else 'concept'}_{''.join(map(str, g))}.safetensors",
                     dict(base=base_id, concepts=g, protected=[protected_tokens(base, k, erasable) for k in g], hp=hp),
                     lambda g=g: train(g, "joint" if args.joint else "one at a time"))
            for g in ([list(concepts)] if args.joint else [[k] for k in concepts])]
@@ -417,14 +417,14 @@ def main(args: Args):
     erasable, steps = parse_steps(args, info)
     out, dev = C.start_run("srs_me", args), C.pick_device(args.device)
     C.seed_everything(args.seed)
-    base = C.load_base(args.dataset, dev, root=args.data_root).eval().requires_grad_(False)
-    base_path, clf = C.base_path(args.dataset), E.load_judge(args, dev)
+    base, base_path = C.base_model(args, dev)
+    base, clf = base.eval().requires_grad_(False), E.load_judge(args, dev)
     needed, first = sorted({k for op, cs in steps if op == "erase" for k in cs}), sorted(steps[0][1])
 
     # ---- the shifts: saved ones that fit, the rest trained (one at a time unless --joint)
     shifts, train, compare, trained = get_shifts(base, C.file_id(base_path), needed, erasable, args, out / "shifts")
     C.atomic_save({"base": str(base_path), "base_id": C.file_id(base_path), "dataset": args.dataset,
-                   "erased": first, "erasable": erasable, "shifts": shifts}, out / "model.pt")
+                   "erased": first, "erasable": erasable, "shifts": shifts}, out / "model.safetensors")
 
     # ---- every step of the scene against the base, same seeds; samples.pt = the first step
     base_m, results = run_scene(base, shifts, steps, erasable, clf, args, out)

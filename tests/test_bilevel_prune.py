@@ -154,7 +154,7 @@ def test_interrupted_run_resumes_to_the_same_weights(net, tmp_path, monkeypatch)
         return s, B.train(args, out, net, s, x[y != 0], y[y != 0], x[y == 0], "cpu")
     ref, log = run(tmp_path / "a")
     assert len(log["l_ft"]) == 6 and len(log["l_cu"]) == len(log["update_ratio"]) == 2
-    assert all(r > 0 for r in log["update_ratio"]) and (tmp_path / "a" / "model.pt").exists()
+    assert all(r > 0 for r in log["update_ratio"]) and (tmp_path / "a" / "model.safetensors").exists()
     noised, calls = B.noised, []
 
     def crash(*a):   # noised runs once per lower and once per upper step: call 7 is step 5's lower step
@@ -165,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_weights(net, tmp_path, monkeypatch)
     monkeypatch.setattr(B, "noised", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
-    assert (tmp_path / "b" / "resume.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
+    assert (tmp_path / "b" / "resume.pt").exists() and not (tmp_path / "b" / "model.safetensors").exists()
     monkeypatch.setattr(B, "noised", noised)
     s, log_b = run(tmp_path / "b")
     assert log_b == log and not (tmp_path / "b" / "resume.pt").exists()
@@ -185,7 +185,7 @@ def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digi
     assert res["cp_score"] >= 0.7 and res["retain_acc"] >= ref["retain_acc"] - 0.15
     assert res["macs_ratio"] <= 0.8 and res["params_student"] < res["params_teacher"]
     out = C.run_dir("bilevel_prune", "digits", "bilevel-s0")
-    assert {"args.json", "model.pt", "samples.pt", "samples.png", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert {"args.json", "model.safetensors", "samples.pt", "samples.png", "metrics.json"} <= {p.name for p in out.iterdir()}
     m = json.loads((out / "metrics.json").read_text())
     assert m["cp_reference"].endswith("ref-s0/metrics.json")
     keys = ("forget_rate", "retain_acc", "fid_retain", "nfe", "params", "nll_forget_bpd", "nll_kept_bpd",
@@ -195,10 +195,10 @@ def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digi
     s = E.load_samples(out / "samples.pt")   # the student's own samples: what the comparison judges
     assert s["nfe"] == 10 and s["c"].tolist() == C.class_tokens(10, 10).tolist()
     assert E.judge(s, digits_classifier, *C.load_data("digits"), [0])["forget_rate"] == res["forget_rate"]
-    loaded = B.load_student(out / "model.pt")
+    loaded = B.load_student(out / "model.safetensors")
     x, t, c = _inputs(loaded.info)
     s = B.apply_plan(digits_base[1], loaded.plan)
-    s.load_state_dict(torch.load(out / "model.pt", weights_only=False)["model"])
+    s.load_state_dict(C.load(out / "model.safetensors")["model"])
     assert torch.equal(loaded(x, t, c), s(x, t, c)) and C.n_params(loaded) == res["params_student"]
 
 

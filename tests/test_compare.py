@@ -50,7 +50,7 @@ def test_rows_carry_what_sets_the_methods_apart(ci_compare, runs_dir):
         folder = ws / f"{name}-digits-s0"
         assert {"args.json", "metrics.json", "samples.pt", "samples.png"} <= {p.name for p in folder.iterdir()}, name
         assert json.loads((folder / "args.json").read_text())["seed"] == 0
-    ck = torch.load(ws / "base-digits-no0-s0" / "model.pt", weights_only=False)
+    ck = C.load(ws / "base-digits-no0-s0" / "model.safetensors")
     assert ck["dropped"] == [0] and ck["done"]
     s = E.load_samples(ws / "base-digits-no0-s0" / "samples.pt")
     assert (s["c"] == s["null"]).sum() == CI["eval"]["n_uncond"] and (s["c"] < 10).sum() == 10 * CI["eval"]["n_per_class"]

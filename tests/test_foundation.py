@@ -325,6 +325,19 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
                   tmp_path / "ok.pt")
     back = C.load(tmp_path / "ok.pt")
     assert back["a"] == 1.5 and back["b"].tolist() == [0, 1, 2] and back["p"] == str(tmp_path)
+
+
+def test_weights_files_are_safetensors_that_round_trip(tmp_path):
+    """*.safetensors: tensors in the body (any safetensors reader gets them), the rest as JSON in the header;
+    nested dicts with int keys, tuples, numbers, strings and None come back as they went in."""
+    from safetensors.torch import load_file
+    shifts = {3: {"w": torch.randn(2, 3)}, 7: {"w": torch.randn(4)[1:3]}}      # a view: stored on its own
+    obj = {"shifts": shifts, "t": (1, (2.5, None)), "s": "x", "n": [np.int64(4), float("inf")]}
+    C.atomic_save(obj, tmp_path / "m.safetensors")
+    back = C.load(tmp_path / "m.safetensors")
+    assert back["t"] == (1, (2.5, None)) and back["s"] == "x" and back["n"] == [4, float("inf")]
+    assert all(torch.equal(back["shifts"][k]["w"], shifts[k]["w"]) for k in (3, 7))
+    assert sorted(load_file(tmp_path / "m.safetensors")) == ["shifts/3/w", "shifts/7/w"]
     code = "".join(p.read_text() for p in ROOT.glob("*.py"))
     assert "weights_only=False" not in code and code.count("torch.load(") == 1   # only inside common.load
 
@@ -348,17 +361,18 @@ def test_other_methods_models_are_named_not_misread(tmp_path, runs_dir):
 
 def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
     model = C.CondUNet("digits")
-    path = tmp_path / "m.pt"
+    path = tmp_path / "model.safetensors"
     C.save_checkpoint(path, model, step=3)
+    assert C.load_checkpoint(tmp_path, "digits")[1]["step"] == 3   # a run folder names its model file
     assert not list(tmp_path.glob("*.tmp"))                 # written through a temp file, then renamed
     loaded, ck = C.load_checkpoint(path, "digits")
     assert ck["step"] == 3 and ck["config"]["dataset"] == "digits"
     with pytest.raises(C.UsageError, match="trained on 'digits'"):
         C.load_checkpoint(path, "mnist")
     ck["config"]["unet"]["block_out_channels"] = [16, 32]
-    torch.save(ck, tmp_path / "other.pt")
-    with pytest.raises(C.UsageError, match="another architecture"):
-        C.load_checkpoint(tmp_path / "other.pt", "digits")
+    C.atomic_save(ck, tmp_path / "other.safetensors")
+    with pytest.raises(C.UsageError, match="do not fit the architecture"):
+        C.load_checkpoint(tmp_path / "other.safetensors", "digits")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(C.UsageError, match="cannot read"):
         C.load_checkpoint(tmp_path / "bad.pt", "digits")
@@ -377,9 +391,9 @@ def test_32px_models_build_and_run_a_training_step():
 
 
 def test_pretrain_caches_and_samples(tmp_path):
-    path = tmp_path / "base.pt"
+    path = tmp_path / "model.safetensors"
     C.pretrain("digits", steps=200, out=path)
-    ck = torch.load(path, weights_only=False)
+    ck = C.load(path)
     assert ck["done"] and ck["step"] == 200 and "train" not in ck
     model = C.load_checkpoint(path, "digits")[0]
     for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 0)):
@@ -474,7 +488,7 @@ def test_cache_recomputes_only_when_its_key_changes(tmp_path):
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Killed after its checkpoint at step 20, the rerun continues with the saved optimiser, EMA and RNG streams
     and ends with exactly the weights of an uninterrupted run."""
-    whole = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "a" / "model.pt")
+    whole = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "a" / "model.safetensors")
     real, calls = C.F.mse_loss, []
 
     def crash(*a, **k):
@@ -484,11 +498,11 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
         return real(*a, **k)
     monkeypatch.setattr(C.F, "mse_loss", crash)
     with pytest.raises(KeyboardInterrupt):
-        C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.pt")
+        C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.safetensors")
     monkeypatch.setattr(C.F, "mse_loss", real)
-    assert torch.load(tmp_path / "b" / "resume.pt", weights_only=False)["step"] == 20
-    resumed = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.pt")
-    a, b = (torch.load(p, weights_only=False)["model"] for p in (whole, resumed))
+    assert C.load(tmp_path / "b" / "resume.pt")["step"] == 20
+    resumed = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.safetensors")
+    a, b = (C.load(p)["model"] for p in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "b" / "resume.pt").exists()
 
 
@@ -501,7 +515,7 @@ def test_two_processes_take_the_steps_of_one(runs_dir):
                      "--tag", "two-processes", "--threads", "1")   # one thread per process and core
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     assert "x 2 processes" in two.stdout
-    a, b = (torch.load(C.base_path("digits", t), weights_only=False)["model"] for t in ("one-process", "two-processes"))
+    a, b = (C.load(C.base_path("digits", t))["model"] for t in ("one-process", "two-processes"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     moved = max((a[k] - C.CondUNet("digits").state_dict()[k]).abs().max().item() for k in a if "norm" not in k)
     assert moved > 1e-3                                      # and the steps did move the weights

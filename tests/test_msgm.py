@@ -217,10 +217,10 @@ def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, dig
         assert k in m, k
     assert m["n_samples"] == 300 and m["forget_rate_lo"] <= m["forget_rate"] <= m["forget_rate_hi"] and m["nfe"] == 10
     out = runs_dir / "msgm-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "model.pt", "samples.png", "samples.pt", "metrics.json"))
+    assert all((out / f).exists() for f in ("args.json", "model.safetensors", "samples.png", "samples.pt", "metrics.json"))
     s = torch.load(out / "samples.pt")
     assert s["x"].shape == (300, 1, 8, 8) and (s["c"] == s["null"]).all() and s["sampler"] == "ddim-10"
-    assert C.load_checkpoint(out / "model.pt", "digits")[0].tok["null"] == s["null"]
+    assert C.load_checkpoint(out / "model.safetensors", "digits")[0].tok["null"] == s["null"]
     # Obtuse steps turn the score on undesirable images away from them more than on kept images (measured in one
     # run: forget cosine 0.837 -> 0.791 at t = 0.1 and 0.928 -> 0.905 at t = 0.3; kept 0.828 -> 0.820, 0.939 -> 0.930)
     for t in ("0.1", "0.3"):

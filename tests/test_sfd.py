@@ -1,6 +1,6 @@
 """sfd.py: the one-step generator against the x0-prediction, the SiD loss against its expanded form, the loss
 functions copied into a bare namespace, which network each step may change, which label each network sees, a
-short end-to-end run that forgets and whose model.pt the file loads again, an interrupted run that resumes to
+short end-to-end run that forgets and whose model the file loads again, an interrupted run that resumes to
 the same weights, two gloo processes under torchrun against one, and (on a GPU) a few mixed-precision steps."""
 import copy
 import json
@@ -210,7 +210,7 @@ def test_short_run_lowers_forget_rate(digits_base, digits_classifier, runs_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     out = runs_dir / "sfd-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "model.pt", "samples.pt", "samples.png", "metrics.json"))
+    assert all((out / f).exists() for f in ("args.json", "model.safetensors", "samples.pt", "samples.png", "metrics.json"))
     assert m == json.loads((out / "metrics.json").read_text())
     assert m["nfe"] == 1 and m["base_nfe"] == 10 and m["images_per_s"] > m["base_images_per_s"]
     assert m["base_forget_rate"] >= 0.8                      # the CI base draws its zeros
@@ -221,15 +221,15 @@ def test_short_run_lowers_forget_rate(digits_base, digits_classifier, runs_dir):
     assert all(math.isfinite(m[f"base_{k}"]) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"))
     assert m["params"] == m["base_params"] == C.n_params(digits_base[1]) and m["seconds"] > 0
     assert [p["iter"] for p in m["curve"]] == [0, 20, 40, 60] and m["curve"][0]["forget_rate"] >= 0.8
-    s = torch.load(out / "samples.pt", weights_only=False)
+    s = C.load(out / "samples.pt")
     assert s["nfe"] == 1 and s["x"].shape == (200, 1, 8, 8) and torch.equal(s["c"], C.class_tokens(10, 20))
-    ck = torch.load(out / "model.pt", weights_only=False)
+    ck = C.load(out / "model.safetensors")
     assert ck["method"] == "sfd" and ck["t_init"] == 440 and ck["forget"] == 0 and "fake" in ck
-    # model.pt is loaded again by --init: evaluating it alone draws the same samples, so the same figures
-    r = run_script("sfd.py", *CI_FLAGS, "--init", str(out / "model.pt"), "--iters", "0", "--tag", "ci-re")
+    # the model is loaded again by --init: evaluating it alone draws the same samples, so the same figures
+    r = run_script("sfd.py", *CI_FLAGS, "--init", str(out / "model.safetensors"), "--iters", "0", "--tag", "ci-re")
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(r.stdout.strip().splitlines()[-1])
-    assert torch.equal(torch.load(runs_dir / "sfd-digits-ci-re" / "samples.pt", weights_only=False)["x"], s["x"])
+    assert torch.equal(C.load(runs_dir / "sfd-digits-ci-re" / "samples.pt")["x"], s["x"])
     assert {k: again[k] for k in ("forget_rate", "override_rate", "retain_acc", "fid_retain")} == \
         {k: m[k] for k in ("forget_rate", "override_rate", "retain_acc", "fid_retain")}
 
@@ -260,13 +260,13 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_base, digits_classif
     with pytest.raises(KeyboardInterrupt):
         sfd.main(args)
     out = runs_dir / "sfd-digits-cut"
-    assert (out / "resume.pt").exists() and not (out / "model.pt").exists()
+    assert (out / "resume.pt").exists() and not (out / "model.safetensors").exists()
     calls.clear()
     interrupt = False
     resumed = sfd.main(args)
     assert len(calls) == 10 - 4                            # it continued from the checkpoint of iteration 4
     assert not (out / "resume.pt").exists()                # and the finished run leaves no checkpoint behind
-    a, b = (torch.load(runs_dir / f"sfd-digits-{t}" / "model.pt", weights_only=False) for t in ("whole", "cut"))
+    a, b = (C.load(runs_dir / f"sfd-digits-{t}" / "model.safetensors") for t in ("whole", "cut"))
     for key in ("model", "fake", "generator_raw"):         # EMA generator, fake score, raw generator
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert [p["iter"] for p in resumed["curve"]] == [0, 5, 10] and resumed["curve"] == whole["curve"]
@@ -344,7 +344,7 @@ def test_a_few_mixed_precision_iterations_at_mnist_size_on_cuda(tmp_path, monkey
     m = sfd.main(args)
     assert m["nfe"] == 1 and [p["iter"] for p in m["curve"]] == [0, 1, 2, 3]
     assert all(math.isfinite(p[k]) for p in m["curve"][1:] for k in ("fake_remain", "g_remain", "g_forget"))
-    ck = torch.load(tmp_path / "sfd-mnist-cuda" / "model.pt", weights_only=False)
+    ck = C.load(tmp_path / "sfd-mnist-cuda" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
-    x = torch.load(tmp_path / "sfd-mnist-cuda" / "samples.pt", weights_only=False)["x"]
+    x = C.load(tmp_path / "sfd-mnist-cuda" / "samples.pt")["x"]
     assert x.shape == (20, 1, 32, 32) and torch.isfinite(x).all()

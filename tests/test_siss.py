@@ -203,7 +203,7 @@ def test_interrupted_unlearning_resumes_to_the_same_weights(tmp_path, monkeypatc
     monkeypatch.setattr(siss, "unlearn_step", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
-    assert torch.load(tmp_path / "cut" / "resume.pt", weights_only=False)["step"] == 4
+    assert C.load(tmp_path / "cut" / "resume.pt")["step"] == 4
     calls.clear()
     resumed, log2 = run(tmp_path / "cut")
     assert len(calls) == 2 and not (tmp_path / "cut" / "resume.pt").exists()
@@ -263,7 +263,7 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     assert m["retain_acc"] >= m["base_retain_acc"] - 0.1, m
     assert abs(m["nll_kept_bpd"] - m["base_nll_kept_bpd"]) < 0.5, m
     out = C.run_dir("siss", "digits", "ci")
-    for f in ("args.json", "model.pt", "samples.png", "metrics.json", "samples.pt"):
+    for f in ("args.json", "model.safetensors", "samples.png", "metrics.json", "samples.pt"):
         assert (out / f).exists()
     for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd",
               "nll_kept_bpd", "nll_forget_null_bpd"):
@@ -279,7 +279,7 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     assert judged["retain_acc"] == m["retain_acc"] and judged["fid_retain"] == pytest.approx(m["fid_retain"])
     shirt = siss.shirt_image(C.data_info("digits"))
     assert E.near_copy_rate(s["x"][s["c"] == tok["spare"][0]], shirt[None], m["copy_threshold"]) == m["forget_rate"]
-    model = C.load_checkpoint(out / "model.pt", "digits")[0]      # the final model, loadable again (--init)
+    model = C.load_checkpoint(out / "model.safetensors", "digits")[0]      # the final model, loadable again (--init)
     assert C.n_params(model) == m["params"]
 
 
@@ -297,7 +297,7 @@ def test_class_mode_reports_the_judged_class_forget_rate(digits_base, digits_cla
     judged = E.judge(s, digits_classifier, *C.load_data("digits"), [0])
     assert judged["forget_rate"] == m["forget_rate"] and judged["retain_acc"] == m["retain_acc"]
     assert {"copy_rate_token", "copy_rate_uncond"} <= set(m) and m["steps_run"] == 3
-    model = C.load_checkpoint(C.run_dir("siss", "digits", "ci-class") / "model.pt", "digits")[0]
+    model = C.load_checkpoint(C.run_dir("siss", "digits", "ci-class") / "model.safetensors", "digits")[0]
     nll = E.class_nll(model, *C.load_data("digits", split="test"), [0], 1, 0.01)
     assert all(nll[k] == pytest.approx(m[k], abs=1e-6) for k in ("nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"))
 

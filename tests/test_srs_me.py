@@ -174,8 +174,8 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     out = runs_dir / "srs_me-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png", "samples.pt", "model.pt"))
-    assert sorted(p.name for p in (out / "shifts").iterdir()) == ["concept_0.pt", "concept_1.pt", "concept_2.pt"]
+    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png", "samples.pt", "model.safetensors"))
+    assert sorted(p.name for p in (out / "shifts").iterdir()) == ["concept_0.safetensors", "concept_1.safetensors", "concept_2.safetensors"]
     assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
     assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
     assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
@@ -191,8 +191,8 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     j = E.judge(s, digits_classifier, *C.load_data("digits"), [0, 1, 2])
     assert (j["forget_rate"], j["retain_acc"]) == (m["forget_rate"], m["retain_acc"])
     assert j["class_acc"] == m["scene"][0]["class_acc"]
-    # model.pt loads again as base + the erased shifts and draws the same samples
-    model = S.load_model(out / "model.pt")
+    # the model loads again as base + the erased shifts and draws the same samples
+    model = S.load_model(out / "model.safetensors")
     assert (C.sample(model, C.VP(), s["c"], "ddim", 8, seed=0) - s["x"]).abs().max() < 1e-4
     # the saved shifts are combined at load time, nothing is retrained
     r = run_script("srs_me.py", *small, "--erase", "0,2", "--restore", "2")

@@ -1,0 +1,170 @@
+"""What a run reads and writes around a method: --base from a diffusers folder, TensorBoard tracking fed by the
+loop's logs, caches that know which data they were made from, the training clock across resumes, and a runs
+folder that cannot be written."""
+import errno
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import eval as E
+
+
+def _small_unet(**over):
+    from diffusers import UNet2DConditionModel
+    cfg = dict(C.unet_config(C.data_info("digits")), **over)
+    return UNet2DConditionModel(**cfg)
+
+
+def test_base_from_a_diffusers_folder_and_a_refused_mismatch(tmp_path, capsys):
+    """Ours (unet/ beside model.safetensors): the same predictions as the model file. Anyone's UNet with the
+    dataset's size and channels: loaded, its class tokens untrained (said so). Another size: one line naming it."""
+    torch.manual_seed(0)
+    ours = C.CondUNet("digits")
+    C.save_checkpoint(tmp_path / "run" / "model.safetensors", ours, 1)
+    ours.unet.save_pretrained(tmp_path / "run" / "unet")
+    args = C.make_args(C.RunArgs, base=str(tmp_path / "run" / "unet"))
+    model, path = C.base_model(args, "cpu")
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([0, 4, ours.tok["null"]])
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, c), ours(x, t, c), atol=1e-6) and path == tmp_path / "run" / "unet"
+    _small_unet(block_out_channels=(16, 32), norm_num_groups=4).save_pretrained(tmp_path / "theirs")
+    model = C.load_checkpoint(tmp_path / "theirs", "digits")[0]
+    assert "class tokens start untrained" in capsys.readouterr().out and model(x, t, c).shape == x.shape
+    _small_unet(sample_size=32, in_channels=3, out_channels=3).save_pretrained(tmp_path / "cifar")
+    with pytest.raises(C.UsageError, match="32x32 images with 3 -> 3 channels; digits needs 8x8 with 1 -> 1"):
+        C.load_checkpoint(tmp_path / "cifar", "digits")
+
+
+def test_a_method_refuses_a_mismatched_base_in_one_line(tmp_path, runs_dir, capsys):
+    import siss
+    _small_unet(sample_size=32).save_pretrained(tmp_path / "big")
+    before = sorted(runs_dir.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        C.cli(siss.main, siss.Args, ["--base", str(tmp_path / "big"), "--tag", "ci-bad-base"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "digits needs 8x8" in err and err.strip().count("\n") == 0
+    assert sorted(runs_dir.rglob("*")) == before
+
+
+class _Writer:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional): records add_scalar."""
+    points = []
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def add_scalar(self, tag, value, step):
+        _Writer.points.append((tag, step, value))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _loop(path, track, steps, crash_at=None):
+    """A toy training loop with the three kinds of logs the methods keep, resumable every 2 steps."""
+    w, loss, curve, parts = torch.nn.Linear(1, 1), [], [], {"a": [], "b": []}
+    resume = C.Resume(path, {"toy": 1}, 2, track, w=w, loss=loss, curve=curve, parts=parts)
+    for step in range(resume.load(), steps):
+        if step == crash_at:
+            raise KeyboardInterrupt
+        loss.append(float(step))
+        parts["a"].append(step * 10.0)
+        if (step + 1) % 3 == 0:
+            curve.append({"step": step + 1, "acc": step / 10})
+        resume.save(step + 1)
+    resume.finish()
+
+
+def test_track_feeds_tensorboard_from_the_logs_once_across_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    _Writer.points = []
+    with pytest.raises(KeyboardInterrupt):
+        _loop(tmp_path / "resume.pt", tmp_path / "tb", 7, crash_at=5)   # saved at step 4, lost step 5
+    _loop(tmp_path / "resume.pt", tmp_path / "tb", 7)
+    got = sorted(_Writer.points)
+    assert got == sorted([("loss", s + 1, float(s)) for s in range(7)] + [("parts/a", s + 1, s * 10.0)
+                                                                          for s in range(7)]
+                         + [("curve/acc", 3, 0.2), ("curve/acc", 6, 0.5)])   # each point once, at its step
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)        # not installed
+    with pytest.raises(C.UsageError, match="pip install tensorboard"):
+        _loop(tmp_path / "other.pt", tmp_path / "tb2", 1)
+
+
+def test_training_seconds_count_every_call_of_a_resumed_loop(tmp_path):
+    first = C.Resume(tmp_path / "r.pt", {"k": 1}, 1)
+    first.load()
+    time.sleep(0.3)
+    first.save(1)
+    again = C.Resume(tmp_path / "r.pt", {"k": 1}, 1)
+    assert again.load() == 1 and again.clock()["seconds"] >= 0.3
+
+
+def test_cached_models_know_the_data_they_were_made_from(tmp_path, monkeypatch, capsys):
+    """A base trained on other images (another --data-root) is refused, not silently reused; the judge
+    classifier is retrained for other data, and a weak one is flagged."""
+    path = tmp_path / "model.safetensors"
+    C.save_checkpoint(path, C.CondUNet("digits"), 5, done=True, data="1797-other")
+    with pytest.raises(C.UsageError, match="trained on other images"):
+        C.pretrain("digits", out=path)
+    trained = []
+
+    def train_classifier(dataset, root, device):
+        trained.append(root)
+        return E.Classifier(1, 10), 0.5
+    monkeypatch.setattr(E, "train_classifier", train_classifier)
+    monkeypatch.setattr(C, "RUNS", tmp_path / "runs")
+    full = C.load_data("digits")
+    E.load_classifier("digits", "a")
+    E.load_classifier("digits", "a")                                       # cached
+    monkeypatch.setattr(C, "load_data", lambda *a, **k: (full[0][:500], full[1][:500]))
+    E.load_classifier("digits", "b")                                       # other images: trained again
+    assert trained == ["a", "b"] and "only 50.0% held-out accuracy" in capsys.readouterr().out
+
+
+def test_an_unwritable_runs_folder_is_a_one_line_error_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(C, "RUNS", tmp_path / "file" / "runs")            # cannot be created: a file is in the way
+    worked = []
+    with pytest.raises(SystemExit) as exit_:
+        C.cli(lambda a: worked.append(1), C.RunArgs, [])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "cannot write to" in err and "UNLEARN_RUNS" in err and not worked
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
+    monkeypatch.setattr(C, "RUNS", tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        C.cli(full_disk, C.RunArgs, [])
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write runs/x/model.safetensors (No space left on device)")
+
+
+def test_eval_checks_where_it_writes_before_it_evaluates(tmp_path, monkeypatch):
+    """eval.json goes beside the model: an unwritable folder fails before minutes of sampling, not after."""
+    C.save_checkpoint(tmp_path / "m" / "model.safetensors", C.CondUNet("digits"), 1)
+
+    def refuse(dir=None, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(C.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking"))
+    with pytest.raises(C.UsageError, match="cannot write to .*m .Permission denied"):
+        E.main(C.make_args(E.Args, ckpt=str(tmp_path / "m")))
+
+
+def test_sample_grid_frames_the_highlighted_rows_whatever_their_length():
+    """Three samples per class: only the gaps around rows 0 and 10 turn red."""
+    from PIL import Image
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        C.save_grid(torch.zeros(60, 1, 8, 8), f"{d}/g.png", nrow=3, scale=1, highlight_rows=(0, 10))
+        img = torch.from_numpy(np.array(Image.open(f"{d}/g.png").convert("RGB")))
+    red = ((img[..., 0] == 255) & (img[..., 1] == 0)).any(1).nonzero().flatten().tolist()
+    assert red == list(range(0, 10)) + list(range(90, 100))
