@@ -506,6 +506,8 @@ def cli(main, args_cls, argv=None):
         args = parse_args(args_cls, argv)
         torch.set_num_threads(getattr(args, "threads", default_threads()))
         writable(RUNS)
+        if getattr(args, "track", False):
+            Tracker.writer_class()    # tensorboard missing: said now, not after the first minutes of work
         try:
             return main(args)
         except OSError as e:   # a full disk or a read-only folder met mid-run: one line, naming the file
@@ -753,12 +755,16 @@ class Tracker:
     lists. write() adds what is new since its last call."""
 
     def __init__(self, folder, logs: dict):
+        self.writer, self.logs, self.done = self.writer_class()(str(folder)), logs, {}
+
+    @staticmethod
+    def writer_class():
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UsageError("--track writes TensorBoard files and needs tensorboard: pip install tensorboard, "
                              "or leave out --track") from None
-        self.writer, self.logs, self.done = SummaryWriter(str(folder)), logs, {}
+        return SummaryWriter
 
     @staticmethod
     def series(name, log):
@@ -909,7 +915,7 @@ def writable(folder) -> Path:
 
 
 def run_dir(method: str, dataset: str, tag: str = "") -> Path:
-    """runs/<method>-<dataset>[-<tag>]/: where a run writes args.json, model.pt, samples.pt/png, metrics.json."""
+    """runs/<method>-<dataset>[-<tag>]/: a run's args.json, model.safetensors, samples.pt/png, metrics.json."""
     return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
 
 

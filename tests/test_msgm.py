@@ -250,7 +250,7 @@ def test_32px_training_step_constructs(tmp_path):
         before = model.unet.conv_out.weight.detach().clone()
         args = C.make_args(M.Args, dataset=name, task="square", forget_every=1, save_every=0)
         hp = dict(M.recipe(args, scratch=True), steps=2, batch_size=2)
-        ema = M.train(model, x, x.flip(0), args, hp, tmp_path / "resume.pt", {}, "cpu", name)
+        ema, _ = M.train(model, x, x.flip(0), args, hp, tmp_path / "resume.pt", {}, "cpu", name)
         assert not torch.equal(model.unet.conv_out.weight, before)
         assert ema is not model and torch.isfinite(ema.unet.conv_out.weight).all()
 

@@ -96,6 +96,10 @@ def test_track_feeds_tensorboard_from_the_logs_once_across_a_resume(tmp_path, mo
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)        # not installed
     with pytest.raises(C.UsageError, match="pip install tensorboard"):
         _loop(tmp_path / "other.pt", tmp_path / "tb2", 1)
+    worked = []                                                              # said before any work
+    with pytest.raises(SystemExit) as exit_:
+        C.cli(lambda a: worked.append(1), C.RunArgs, ["--track"])
+    assert exit_.value.code == 2 and not worked
 
 
 def test_training_seconds_count_every_call_of_a_resumed_loop(tmp_path):
