@@ -2,6 +2,7 @@
 (--amp) on CUDA. Stand-in tensors of MNIST's shape replace the dataset (a GPU machine may have no network).
 Skipped where torch sees no CUDA device."""
 import importlib
+import json
 
 import pytest
 import torch
@@ -46,3 +47,55 @@ def test_method_runs_a_few_steps_on_cuda_with_amp(mnist_stand_in, name):
     m = M.main(C.parse_args(M.Args, FLAGS + forget + n + E.flags(budget)))
     assert m["seconds"] > 0 and 0 <= m["retain_acc"] <= 1
     assert (C.run_dir(name, "mnist", "cuda") / "samples.pt").exists()
+
+
+def _training_rate(name: str, amp: bool, compile_: bool, batch: int = 128, steps: int = 20) -> tuple:
+    """Images per second and peak GPU memory (GiB) of pretraining steps as common.pretrain takes them (forward
+    under autocast, backward, clipping, AdamW, EMA) on stand-in images of the dataset's shape."""
+    import time
+    model = C.CondUNet(name).cuda()
+    ema, opt, vp = C.EMA(model, 0.9999), torch.optim.AdamW(model.parameters(), lr=2e-4), C.VP()
+    net = torch.compile(model) if compile_ else model
+    x = torch.rand(batch, model.info.channels, 32, 32, device="cuda") * 2 - 1
+    c = torch.arange(batch, device="cuda") % 10
+
+    def step():
+        t, noise = torch.randint(vp.T, (batch,), device="cuda"), torch.randn_like(x)
+        with C.autocast("cuda", amp):
+            loss = torch.nn.functional.mse_loss(net(vp.q_sample(x, t, noise), t, c).float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+    for _ in range(10 if compile_ else 3):     # warm-up (and compilation)
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0), torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def test_throughput_table(mnist_stand_in, capsys):
+    """The README's GPU table (`python -m pytest -s -m cuda tests/test_cuda.py`): pretraining images/s and peak
+    memory at MNIST and CIFAR-10 size in fp32, bf16 and bf16 + compile, and each method's seconds at MNIST size
+    (the runs above). bf16 must need less memory than fp32."""
+    rows = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 128, stand-in images", "",
+            "| data | precision | images/s | peak memory (GiB) |", "|---|---|---|---|"]
+    for name in ("mnist", "cifar10"):
+        got = {label: _training_rate(name, amp, comp) for label, amp, comp in
+               (("fp32 (TF32)", False, False), ("bf16", True, False), ("bf16 + compile", True, True))}
+        rows += [f"| {name} | {k} | {v[0]:,.0f} | {v[1]:.1f} |" for k, v in got.items()]
+        assert got["bf16"][1] < got["fp32 (TF32)"][1]
+    rows += ["", "| method (MNIST size, --amp, the comparison's ci budget) | steps | seconds |", "|---|---|---|"]
+    for name in ("sfd", "srs_me", "siss", "bilevel_prune", "msgm"):
+        path = C.run_dir(name, "mnist", "cuda") / "metrics.json"
+        if path.exists():
+            budget = E.COMPARE_BUDGETS[("digits", "ci")][name]
+            steps = budget.get("iters", budget.get("steps", f"<= {budget.get('max_steps')} per concept"))
+            rows.append(f"| {name} | {steps} | {json.loads(path.read_text())['seconds']:.1f} |")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
