@@ -229,7 +229,7 @@ def test_interrupted_unlearning_resumes_to_the_same_weights(tmp_path, monkeypatc
     and the curve of an uninterrupted run (a random network: only the loop is under test). scaling_norm is 10%
     of the naive-deletion gradient norm of the model at hand, measured on 8 keep batches of their own stream."""
     args = C.make_args(siss.Args, steps=6, batch_size=4, save_every=2, eval_every=3, n_monitor=3, monitor_steps=2,
-                       stop_at_zero=False)
+                       sample_steps=2, stop_at_zero=False)
     x, y = C.training_set("digits")
     data, clf = (x, y, torch.arange(0, 100), torch.arange(100, 110)), digits_classifier
     ctx = dict(tokens=torch.tensor([3]), x_forget=x[100:101], classes=[])
@@ -303,12 +303,14 @@ def outlier_base(digits_base):
 
 
 def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifier):
-    """The CLI on the default scenario with a small budget: the base memorises the shirt, SISS removes
-    its copies (deletion step found), the NLL of the shirt rises, the digits stay; the run folder holds what
-    the comparison reads, and samples.pt is what metrics.json was judged on."""
-    r = run_script("siss.py", "--steps", "100", "--eval-every", "20", "--lr", "2e-4", "--n-monitor", "50",
-                   "--monitor-steps", "10", "--n-eval", "60", "--n-per-class", "10", "--n-nll", "2",
-                   "--sample-steps", "20", "--n-uncond", "100", "--scaling-norm", "5", "--ema", "0", "--tag", "ci")
+    """The CLI on the default scenario with a small budget (the official code's setting: no EMA, an explicit
+    scaling_norm, which wins over the measured one): the base memorises the shirt, SISS removes its copies under
+    both judges (deletion step found), the NLL of the shirt rises, the digits stay; the null-token share comes
+    with its exact 95% interval; the run folder holds what the comparison reads, and samples.pt is what
+    metrics.json was judged on."""
+    r = run_script("siss.py", "--steps", "100", "--eval-every", "20", "--lr", "2e-4", "--n-monitor", "30",
+                   "--monitor-steps", "10", "--n-eval", "40", "--n-per-class", "10", "--n-nll", "2",
+                   "--sample-steps", "20", "--n-uncond", "40", "--scaling-norm", "5", "--ema", "0", "--tag", "ci")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["base_forget_rate"] >= 0.3, m             # the short base memorised the shirt under its token
@@ -327,7 +329,7 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     s = E.load_samples(out / "samples.pt")
     tok = C.tokens(C.data_info("digits"))
     counts = {c: int((s["c"] == c).sum()) for c in s["c"].unique().tolist()}
-    assert counts == {**{k: 10 for k in range(10)}, tok["spare"][0]: 60, tok["null"]: 100}
+    assert counts == {**{k: 10 for k in range(10)}, tok["spare"][0]: 40, tok["null"]: 40}
     assert s["sampler"] == "ddpm-20" and s["nfe"] == 20
     x_real, y_real = C.load_data("digits")
     judged = E.judge(s, digits_classifier, x_real, y_real, [])
@@ -340,11 +342,12 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     for k in ("forget_rate", "retain_acc", "fid_retain"):          # the strict judge beside the official one
         assert f"ddim_{k}" in m and f"base_ddim_{k}" in m, k
     assert m["ddim_forget_rate"] <= 0.1 * m["base_ddim_forget_rate"], m
-    for pre in ("", "base_"):   # the exact 95% interval: the binomial tails beyond each bound hold 2.5%
-        n, share, (lo, hi) = 100, m[pre + "copy_rate_uncond"], m[pre + "copy_rate_uncond_ci"]
+    for pre in ("", "base_"):   # the exact 95% interval: the binomial tails beyond each bound hold 2.5% (bounds
+        # are rounded to 5 decimals)
+        n, share, (lo, hi) = 40, m[pre + "copy_rate_uncond"], m[pre + "copy_rate_uncond_ci"]
         k = round(share * n)
-        assert lo <= share <= hi and binom.cdf(k, n, hi) == pytest.approx(0.025, abs=1e-4)
-        assert (lo == 0 and k == 0) or binom.sf(k - 1, n, lo) == pytest.approx(0.025, abs=1e-4)
+        assert lo <= share <= hi and binom.cdf(k, n, hi) == pytest.approx(0.025, rel=0.02)
+        assert (lo == 0 and k == 0) or binom.sf(k - 1, n, lo) == pytest.approx(0.025, rel=0.02)
     assert m["naive_grad_norm"] > 0
     assert m["scaling_norm_used"] == 5.0           # an explicit --scaling-norm wins over the measured 10%
 
