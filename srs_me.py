@@ -12,15 +12,15 @@ prompts (null, watermark trigger, the other erasable concepts):
     min_P mean(r_k(theta + dW_k) * r_k(theta)) + lambda ||dW_k||_1 / M      (Eq. 28), stop by Eq. 37
 
 Protected prompts keep their keys and values under any sum of shifts: erasing S is theta + sum_{k in S} dW_k,
-restoring j drops dW_j exactly, the watermark survives every combination, and the shifts train one at a time
-(optimisation decoupling). Regular concepts (never protected) are preserved only approximately. The run folder
-keeps each shift (shifts/) and model.safetensors, read back by `load_model(path, device)`: base + the erased shifts.
+restoring j drops dW_j exactly, the watermark survives every combination, the shifts train one at a time
+(optimisation decoupling); regular concepts (never protected) are kept only approximately. The run folder keeps
+the shifts (shifts/) and model.safetensors, read back by `load_model(path, device)`: base + the erased shifts.
 
     python srs_me.py                              # Scene 1 on digits: erase 0-5, restore 0,1, then 2 (CPU)
     python srs_me.py --erase 3                    # erase one concept (the other erasable ones stay protected)
     python srs_me.py --erase 0,2,4 --restore 2    # combine the run folder's saved shifts, no retraining
     python srs_me.py --scene 4 --tag s4           # another scene of the paper (Fig. 7)
-    python srs_me.py --dataset mnist --device cuda --tau 1e-3
+    python srs_me.py --dataset mnist --device cuda --amp
 """
 from __future__ import annotations
 
@@ -36,12 +36,9 @@ import common as C
 import eval as E
 
 # The paper's scenes (Fig. 7) as (operation, concepts) steps; concepts are erasable class ids.
-SCENES = {
-    "1": "erase 0,1,2,3,4,5; restore 0,1; restore 2",
-    "2": "erase 0,1,2,3,4,5; restore 3,4; restore 5",
-    "3": "erase 0,2,4; restore 0,2; erase 1,3; restore 1; erase 5",
-    "4": "erase 0,1,2; restore 0; erase 3,4; restore 1; erase 5; restore 2",
-}
+SCENES = {"1": "erase 0,1,2,3,4,5; restore 0,1; restore 2", "2": "erase 0,1,2,3,4,5; restore 3,4; restore 5",
+          "3": "erase 0,2,4; restore 0,2; erase 1,3; restore 1; erase 5",
+          "4": "erase 0,1,2; restore 0; erase 3,4; restore 1; erase 5; restore 2"}
 
 
 @dataclass
@@ -54,24 +51,26 @@ class Args(C.RunArgs):
     """instead of a scene: evaluate base + the sum of these concepts' shifts (e.g. 0,2,4)"""
     restore: str = ""
     """with --erase: drop these shifts from it; alone: every erasable concept erased except these"""
-    scale_factor: float = 3e-3
+    scale_factor: float = 1e-2
     """beta, the scale on the unit null-space basis (paper 1e-4 for SD); beta * lr sets Adam's step in weight space"""
     lr: float = 0.1
     """Adam learning rate on the shift coefficients P (paper)"""
-    tau: float = 5e-3
-    """stop when the momentum statistic of L_cor falls below tau (paper 1e-4, 0.2 of SD's first L_cor)"""
+    tau: float = -0.1
+    """stop once the momentum statistic of L_cor(theta + dW) / L_cor(theta) is below tau (paper: L_cor < 1e-4, near
+    0; digits' null token draws each digit ~10% of the time, and only past 0 does the concept fall below that)"""
     alpha: float = 0.9
     """momentum of the stopping statistic (paper Eq. 37)"""
-    reg_beta: float = 1e-6
-    """lambda, weight of the L1 size of the weight shift, ||dtheta||_1 / M (paper)"""
+    reg_share: float = 1.0
+    """lambda of the L1 size term, set at the first non-zero shift so that its gradient is this share of L_cor's
+    (norms); the share kept over training is logged (paper: lambda 1e-6 for SD)"""
     min_steps: int = 10
     """never stop at or before this step (official code: n > 10)"""
     max_steps: int = 1000
     """iteration cap per shift (paper)"""
     max_base: int = 1024
     """at most this many null-space vectors per concept (columns of P); digits has 64 - 8 = 56, all kept"""
-    batch_size: int = 8
-    """noised images per concept and step (the official code uses 1)"""
+    batch_size: int = 16
+    """noised images per concept and step, t stratified over them (the official code uses 1)"""
     n_train_images: int = 64
     """the base model's own samples of each concept used as x0 (the repo's generated training folder)"""
     zero_grad: bool = True
@@ -86,17 +85,23 @@ class Args(C.RunArgs):
 # THE METHOD'S MATH: weight decoupling (Q1-Q3, Eqs. 17-26, 36), concept-irrelevant unlearning (Q4-Q6, Eqs. 27-37)
 # ----------------------------------------------------------------------------------------------------------
 
-def null_space_basis(e_m: torch.Tensor, max_base: int) -> torch.Tensor:
-    """Rows B [n_b, d] with e_m B^T = 0 (Eqs. 25-26), at most max_base of them. SVD, orthonormal rows: the
-    official SRSME_Solution.py takes sympy's RREF basis, normalised but not orthogonalised; both span the same
-    space (the same exactness guarantee)."""
+def null_space_basis(e_m: torch.Tensor, max_base: int, e_k=None) -> torch.Tensor:
+    """Rows B [n_b, d] with e_m B^T = 0 (Eqs. 25-26), at most max_base, orthonormal (SVD). Given concept k's own
+    embedding e_k, row 0 is its projection into the null space, the rest orthogonal to it: L_cor's gradient on P
+    is then in column 0 alone and Adam's per-coordinate steps move dW along e_k only (in another basis they spread
+    dW over all null directions, moving regular concepts without erasing k). The official SRSME_Solution.py keeps
+    sympy's RREF basis, normalised, not orthogonalised: the same span, so the same exactness."""
     e = e_m.detach().double().cpu()
     _, s, vh = torch.linalg.svd(e, full_matrices=True)
     rank = int((s > s.max() * max(e.shape) * torch.finfo(torch.float64).eps).sum())
     if rank >= e.shape[1]:
         raise ValueError(f"the {len(e)} protected embeddings span all {e.shape[1]} dimensions: protect fewer "
                          f"concepts (--erasable)")
-    return vh[rank:][:max_base].float()
+    B = vh[rank:]
+    if e_k is not None:   # QR of [B e_k | I]: Q's first column is B e_k / |B e_k|
+        u = B @ e_k.detach().double().cpu()
+        B = torch.linalg.qr(torch.cat([u[:, None], torch.eye(len(u), dtype=u.dtype)], 1))[0].T @ B
+    return B[:max_base].float()
 
 
 def shift(P: torch.Tensor, B: torch.Tensor, beta: float) -> torch.Tensor:
@@ -114,6 +119,19 @@ def correlation_loss(r_new: torch.Tensor, r_orig: torch.Tensor) -> torch.Tensor:
     return (r_new * r_orig).mean()
 
 
+def relative_correlation(r_new: torch.Tensor, r_orig: torch.Tensor) -> torch.Tensor:
+    """L_cor(theta + dtheta) / L_cor(theta) on the same noised images (Eq. 28 relative to its start, 1 for every
+    concept; free of the batch-to-batch swings of |r|): the statistic our stopping rule watches."""
+    return correlation_loss(r_new, r_orig) / correlation_loss(r_orig, r_orig)
+
+
+def stratified_t(n_groups: int, n: int, T: int, device) -> torch.Tensor:
+    """One t in each of n equal slices of {0..T-1}, per group of n images: the official code's j, t draw
+    (t ~ U{0..T-1}) with the slices covered evenly in every batch instead of by chance."""
+    u = torch.arange(n_groups * n, device=device) % n + torch.rand(n_groups * n, device=device)
+    return (u * T / n).long()
+
+
 def l1_size(deltas: dict) -> torch.Tensor:
     """||dtheta||_p = ||dtheta||_1 / M over the M shifted matrices (paper's s3; official SRS_ME.py: the L1 of
     the actual shift P beta B, not of P)."""
@@ -126,8 +144,7 @@ def momentum_statistic(m_prev, l_cor, alpha: float):
 
 
 def balancing_weights(l_cor: list) -> list:
-    """Eq. 35: eta_i = max_k |L_cor(c_k)| / |L_cor(c_i)|, each concept's loss scaled up to the largest (plain
-    numbers: no gradient flows through eta)."""
+    """Eq. 35: eta_i = max_k |L_cor(c_k)| / |L_cor(c_i)|, every loss scaled up to the largest (plain numbers)."""
     big = max(abs(float(l)) for l in l_cor)
     return [big / max(abs(float(l)), 1e-12) for l in l_cor]
 
@@ -138,8 +155,8 @@ def stop_rule(n: int, m: float, tau: float, min_steps: int, max_steps: int) -> b
     return (n > min_steps and m < tau) or n >= max_steps
 
 
-LOSSES = (null_space_basis, shift, concept_representation, correlation_loss, l1_size, momentum_statistic,
-          balancing_weights, stop_rule)
+LOSSES = (null_space_basis, shift, concept_representation, correlation_loss, relative_correlation, stratified_t,
+          l1_size, momentum_statistic, balancing_weights, stop_rule)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,86 +197,80 @@ def load_model(path, device="cpu", concepts=None) -> torch.nn.Module:
                    ck["erased"] if concepts is None else concepts)
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes of the distinct tensors autograd keeps for backward inside the block: the activation memory that
-    grows with the number of concepts trained together (the CPU stand-in for CUDA's peak allocation)."""
-
-    def __init__(self):
-        self.sizes = {}   # storage address: bytes
-
-        def pack(t):
-            self.sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        super().__init__(pack, lambda t: t)
-
-
 def train_shifts(base, concepts, erasable, data: dict, args: Args, desc: str = "") -> tuple:
     """Train dtheta_k for the concepts together (SRS-ME-dagger, Eq. 34); one concept = SRS-ME.
     Returns ({k: {layer: dW}}, stats). `base` stays frozen; shifts enter through functional_call."""
     dev, vp, null, emb = next(base.parameters()).device, C.VP(), base.tok["null"], base.token_emb.weight.detach()
     W = {n: w.detach() for n, w in kv_weights(base).items()}
-    B = {k: null_space_basis(emb[protected_tokens(base, k, erasable)], args.max_base).to(dev) for k in concepts}
+    B = {k: null_space_basis(emb[protected_tokens(base, k, erasable)], args.max_base, emb[k]).to(dev) for k in concepts}
     P = {k: {n: torch.zeros(w.shape[0], len(B[k]), device=dev, requires_grad=True) for n, w in W.items()}
          for k in concepts}                                          # zero init (paper's s2): starts at theta
     opt = {k: torch.optim.Adam(P[k].values(), lr=args.lr) for k in concepts}   # one per concept and its own stop
-    active, steps, first, m, step, peak = list(concepts), {}, {}, {}, 0, 0    # (a stopped concept stays put)
-    n_coef = sum(p.numel() for ps in P.values() for p in ps.values())
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    active, steps, first, final, rho, secs, step, peak = list(concepts), {}, {}, {}, {}, {}, 0, 0
+    lam, shares, scaler, saved = None, [], C.grad_scaler(dev, args.amp), {}   # (a stopped concept stays put)
+    # bytes autograd keeps for backward: the activation memory that grows with the concepts trained together
+    pack = lambda t: saved.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()}) or t
+    torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
     t0, cpu0 = time.time(), time.process_time()
     bar = C.tqdm(total=args.max_steps, desc=desc or f"shift {','.join(map(str, concepts))}", leave=False)
     while active:
         step += 1
         x0 = torch.cat([data[k][torch.randint(len(data[k]), (args.batch_size,))] for k in active]).to(dev)
-        t = torch.randint(vp.T, (len(x0),), device=dev)                # t ~ U{0..T-1}, as the code's j, t draw
+        t = stratified_t(len(active), args.batch_size, vp.T, dev)
         x_t = vp.q_sample(x0, t, torch.randn_like(x0))
         toks = torch.tensor(active, device=dev).repeat_interleave(args.batch_size)
         x2, t2, c2 = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([toks, torch.full_like(toks, null)])
-        with torch.no_grad():                                            # original model: the pseudo ground truth
-            r_orig = concept_representation(*base(x2, t2, c2).chunk(2))
+        with torch.no_grad(), C.autocast(dev, args.amp):                 # original model: the pseudo ground truth
+            r_orig = concept_representation(*base(x2, t2, c2).float().chunk(2))
         delta = {n: sum(shift(P[k][n], B[k], args.scale_factor) for k in concepts) for n in W}
-        with (mem := SavedBytes()):
-            eps = functional_call(base, {n: W[n] + delta[n] for n in W}, (x2, t2, c2))
-        peak = max(peak, sum(mem.sizes.values()))
-        r_new = concept_representation(*eps.chunk(2))
-        l_cor = [correlation_loss(a, b) for a, b in zip(r_new.chunk(len(active)), r_orig.chunk(len(active)))]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), C.autocast(dev, args.amp):
+            eps = functional_call(base, {n: W[n] + delta[n] for n in W}, (x2, t2, c2)).float()
+        peak, _ = max(peak, sum(saved.values())), saved.clear()
+        pairs = list(zip(concept_representation(*eps.chunk(2)).chunk(len(active)), r_orig.chunk(len(active))))
+        l_cor = [correlation_loss(a, b) for a, b in pairs]
         eta = balancing_weights([l.item() for l in l_cor])               # all 1 for one concept
-        loss = sum(e * l for e, l in zip(eta, l_cor)) + args.reg_beta * l1_size(delta)
-        if args.zero_grad:   # the official SRS_ME.py never zeroes, so its step n uses the sum of all gradients
-            for k in active:
-                opt[k].zero_grad(set_to_none=True)
-        loss.backward()
-        for k, l in zip(list(active), l_cor):
-            opt[k].step()
+        params = [p for k in active for p in P[k].values()]
+        g_cor = torch.autograd.grad(scaler.scale(sum(e * l for e, l in zip(eta, l_cor))), params)
+        delta = {n: sum(shift(P[k][n], B[k], args.scale_factor) for k in concepts) for n in W}   # graph freed
+        g_reg = torch.autograd.grad(l1_size(delta), params)             # |dW|' = 0 at dW = 0: zero at step 1
+        n_cor, n_reg = (torch.cat([g.flatten() for g in gs]).norm().item() / s for gs, s in
+                        ((g_cor, scaler.get_scale()), (g_reg, 1)))
+        lam = args.reg_share * n_cor / n_reg if lam is None and n_reg > 0 else lam   # fixed from then on
+        shares.append((lam or 0.0) * n_reg / max(n_cor, 1e-30))
+        for p, a, b in zip(params, g_cor, g_reg):  # the official SRS_ME.py never zeroes: --no-zero-grad sums them
+            p.grad = a + (lam or 0.0) * scaler.get_scale() * b + (0 if args.zero_grad or p.grad is None else p.grad)
+        for k, l, (a, b) in zip(list(active), l_cor, pairs):
+            scaler.step(opt[k])
             first.setdefault(k, l.item())
-            m[k] = momentum_statistic(m.get(k), l.item(), args.alpha)
-            if stop_rule(step, m[k], args.tau, args.min_steps, args.max_steps):
+            final[k] = momentum_statistic(final.get(k), l.item(), args.alpha)             # Eq. 37's statistic
+            rho[k] = momentum_statistic(rho.get(k), relative_correlation(a, b).item(), args.alpha)
+            if stop_rule(step, rho[k], args.tau, args.min_steps, args.max_steps):
                 active.remove(k)
-                steps[k] = step
+                steps[k], secs[k] = step, time.time() - t0
+        scaler.update()
         bar.update(1)
         bar.set_postfix(l_cor=f"{sum(l.item() for l in l_cor) / len(l_cor):.2e}", left=len(active))
     bar.close()
+    n_coef = sum(p.numel() for ps in P.values() for p in ps.values())   # memory: kept activations, P, 2 moments
     stats = {"seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, "steps": steps,
-             "first_loss": first, "final_momentum": m, "null_dim": {k: len(B[k]) for k in concepts},
-             "train_mem_mb": (peak + 3 * 4 * n_coef) / 2 ** 20}   # activations kept for backward, P, Adam's moments
-    if dev.type == "cuda":
-        stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+             "concept_seconds": secs, "first_loss": first, "final_loss": final, "final_rho": rho,
+             "reg_lambda": dict.fromkeys(concepts, lam or 0.0), "train_mem_mb": (peak + 12 * n_coef) / 2 ** 20,
+             "reg_share": dict.fromkeys(concepts, sum(shares) / len(shares)), "null_dim": {k: len(B[k]) for k in B}}
+    stats |= {"cuda_peak_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20} if dev.type == "cuda" else {}
     shifts = {k: {n: shift(P[k][n], B[k], args.scale_factor).detach().cpu() for n in W} for k in concepts}
     return shifts, stats
 
 
 def merge(stats: list) -> dict:
     """The stats of several trainings as one: per-concept dicts joined, seconds summed, memory the largest."""
-    out = {q: {k: v for s in stats for k, v in s[q].items()} for q in ("steps", "first_loss", "final_momentum",
-                                                                      "null_dim")}
-    out.update({q: sum(s[q] for s in stats) for q in ("seconds", "cpu_seconds", "data_seconds")})
-    return out | {q: max(s[q] for s in stats) for q in ("train_mem_mb", "cuda_peak_mb") if q in stats[0]}
+    return ({q: {k: v for s in stats for k, v in s[q].items()} for q, v in stats[0].items() if isinstance(v, dict)}
+            | {q: sum(s[q] for s in stats) for q in ("seconds", "cpu_seconds", "data_seconds")}
+            | {q: max(s[q] for s in stats) for q in ("train_mem_mb", "cuda_peak_mb") if q in stats[0]})
 
 
 def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tuple:
-    """{k: shift}, each read from folder/concept_k.pt while the base file, k's protected tokens and the settings
-    are the same (C.cached), else trained: one at a time (SRS-ME, the memory of one concept, Q7) or all at once
-    (--joint). Returns (shifts, stats, compare, trained concepts)."""
+    """(shifts, stats, compare, trained): each shift read from folder/concept_k.safetensors while base, k's
+    protected tokens and settings match (C.cached), else trained one at a time (SRS-ME, Q7) or jointly."""
     dev, data, trained = next(base.parameters()).device, {}, []
 
     def train(group, desc):
@@ -271,11 +282,12 @@ def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tu
         s, st = train_shifts(base, group, erasable, data, args, desc)
         trained.extend(group)
         for k in group:
-            print(f"  {desc}: concept {k}, {st['steps'][k]} steps, first L_cor {st['first_loss'][k]:.2e}, "
-                  f"{st['seconds']:.1f}s")
+            print(f"  {desc}: concept {k}, {st['steps'][k]} steps, L_cor {st['first_loss'][k]:.2e} -> "
+                  f"{st['final_loss'][k]:.2e} (left {st['final_rho'][k]:.3f}), L1 gradient {st['reg_share'][k]:.2f} "
+                  f"x L_cor's, {st['concept_seconds'][k]:.1f}s")
         return {"shifts": s, "stats": dict(st, data_seconds=time.time() - t0 - st["seconds"])}
 
-    hp = {h: getattr(args, h) for h in ("scale_factor lr tau alpha reg_beta min_steps max_steps max_base batch_size "
+    hp = {h: getattr(args, h) for h in ("scale_factor lr tau alpha reg_share min_steps max_steps max_base batch_size "
                                         "n_train_images zero_grad sample_steps seed").split()}
     got = [C.cached(folder / f"{'joint' if len(g) > 1 else 'concept'}_{''.join(map(str, g))}.safetensors",
                     dict(base=base_id, concepts=g, protected=[protected_tokens(base, k, erasable) for k in g], hp=hp),
@@ -300,8 +312,7 @@ def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tu
 def parse_steps(args: Args, info) -> tuple:
     """(erasable, steps): the scene as [("erase", [0, 1]), ("restore", [0])], or the one --erase/--restore step."""
     erasable = sorted(set(C.parse_classes(args.erasable, info, "erasable class")))
-    erase, restore = (C.parse_classes(a, info, f"{w} class") for a, w in ((args.erase, "erase"),
-                                                                           (args.restore, "restore")))
+    erase, restore = (C.parse_classes(getattr(args, w), info, f"{w} class") for w in ("erase", "restore"))
     if not erasable:
         raise C.UsageError("--erasable is empty: name the concepts that get shifts, e.g. 0,1,2")
     if erase or restore:   # one combination of shifts instead of a scene
@@ -322,13 +333,6 @@ def parse_steps(args: Args, info) -> tuple:
     return erasable, steps
 
 
-def draw(model, args: Args) -> tuple:
-    """n samples per class and n of the watermark trigger (DDIM); the same seed (noise) for every model."""
-    K, dev = model.info.num_classes, next(model.parameters()).device
-    c = torch.cat([C.class_tokens(K, args.n_per_class), torch.full((args.n_per_class,), model.tok["watermark"])])
-    return C.sample(model, C.VP(), c.to(dev), "ddim", args.sample_steps, seed=args.seed, amp=args.amp), c
-
-
 def judge_step(clf, x, xb, c, info, active, ever, erasable, real) -> dict:
     """One scene step against the base model's same-seed samples xb: per class accuracy, FID vs base, mean
     pixel distance (the paper's LPIPS role) and max abs difference; the same per group; the watermark."""
@@ -340,11 +344,10 @@ def judge_step(clf, x, xb, c, info, active, ever, erasable, real) -> dict:
               "regular": [k for k in range(K) if k not in erasable], "untouched": sorted(set(erasable) - set(ever))}
     for g, ks in groups.items():
         sel = torch.isin(c, torch.tensor(ks, dtype=torch.long))
-        m[f"{g}_classes"] = ks
-        m[f"{g}_acc"] = sum(m["class_acc"][k] for k in ks) / len(ks) if ks else None
-        m[f"{g}_fid_vs_base"] = E.fid(clf, x[sel], xb[sel]) if ks else None
-        m[f"{g}_pixel_dist"] = d[sel].mean().item() if ks else None
-        m[f"{g}_max_abs_diff"] = d[sel].max().item() if ks else None
+        m |= {f"{g}_classes": ks, f"{g}_acc": sum(m["class_acc"][k] for k in ks) / len(ks) if ks else None,
+              f"{g}_fid_vs_base": E.fid(clf, x[sel], xb[sel]) if ks else None,
+              f"{g}_pixel_dist": d[sel].mean().item() if ks else None,
+              f"{g}_max_abs_diff": d[sel].max().item() if ks else None}
     m["watermark_dist"] = (x[wm] - C.watermark_image(info).to(x)).abs().mean().item()  # to the pattern itself
     m["watermark_max_diff"] = d[wm].max().item()                      # vs the base model's watermark samples
     return m
@@ -359,32 +362,32 @@ def exactness(base, shifts: dict, erasable, seed: int) -> dict:
     x = torch.randn(len(toks), info.channels, info.size, info.size, generator=g).to(dev)
     t, toks = torch.randint(0, C.VP().T, (len(toks),), generator=g).to(dev), toks.to(dev)
     ref, W, worst = base(x, t, toks), {n: w.detach() for n, w in kv_weights(base).items()}, 0.0
-    for r in range(1, len(ks) + 1):
-        for S in itertools.combinations(ks, r):
-            out = functional_call(base, {n: W[n] + sum(shifts[k][n].to(dev) for k in S) for n in W}, (x, t, toks))
-            keep = ~torch.isin(toks, torch.tensor(S, device=dev))
-            worst = max(worst, (out - ref)[keep].abs().max().item())
+    for S in itertools.chain(*(itertools.combinations(ks, r) for r in range(1, len(ks) + 1))):
+        out = functional_call(base, {n: W[n] + sum(shifts[k][n].to(dev) for k in S) for n in W}, (x, t, toks))
+        worst = max(worst, (out - ref)[~torch.isin(toks, torch.tensor(S, device=dev))].abs().max().item())
     return {"protected_eps_max_diff_all_subsets": worst, "n_subsets": 2 ** len(ks) - 1}
 
 
 def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
-    """Sample the base and every step of the scene with the same seeds and judge each; samples.pt holds the
-    first step (the final model of this run), samples.png all of them. Returns (base row, step rows)."""
-    info, real = base.info, C.load_data(args.dataset, args.data_root, "train")
-    xb, c = draw(base, args)
+    """Sample the base and every step of the scene (DDIM, n per class and n of the watermark trigger, the same
+    seeds) and judge each; samples.pt holds the first step (this run's final model), samples.png all of them."""
+    info, real, n = base.info, C.load_data(args.dataset, args.data_root, "train"), args.n_per_class
+    c = torch.cat([C.class_tokens(info.num_classes, n), torch.full((n,), base.tok["watermark"])])
+    draw = lambda model: C.sample(model, C.VP(), c.to(next(base.parameters()).device), "ddim", args.sample_steps,
+                                  seed=args.seed, amp=args.amp)
+    xb = draw(base)
     base_m = judge_step(clf, xb, xb, c, info, steps[0][1], steps[0][1], erasable, real)
     results, active, ever, grids = [], set(), set(), [xb]
     for i, (op, cs) in enumerate(steps):
         active = active | set(cs) if op == "erase" else active - set(cs)
         ever |= set(cs)
-        x, _ = draw(combine(base, shifts, sorted(active)), args)
+        x = draw(combine(base, shifts, sorted(active)))
         results.append(dict(judge_step(clf, x, xb, c, info, active, ever, erasable, real), step=f"t{i}", op=op,
                             concepts=cs, active=sorted(active)))
         grids.append(x)
     C.save_samples(out, grids[1], c, f"ddim-{args.sample_steps}", args.sample_steps, base.tok["null"])
     # one row per token (classes, then watermark); blocks of 8 samples per model (base, t0, t1, ...)
-    per, rows = min(8, args.n_per_class), info.num_classes + 1
-    cells = [g.view(rows, args.n_per_class, *g.shape[1:])[:, :per] for g in grids]
+    cells, per = [g.view(info.num_classes + 1, n, *g.shape[1:])[:, :min(8, n)] for g in grids], min(8, n)
     C.save_grid(torch.cat(cells, 1).flatten(0, 1), out / "samples.png", nrow=per * len(grids),
                 highlight_rows=erasable)
     return base_m, results
@@ -401,12 +404,11 @@ def summarise(base_m, results, steps, erasable, info) -> dict:
                                 "watermark_max_diff", "watermark_dist"]))
     first, reg = results[0], [k for k in range(info.num_classes) if k not in erasable]
     drops = [base_m["class_acc"][k] - first["class_acc"][k] for k in reg]
-    restored = [m["restored_max_abs_diff"] for m in results if m["restored_max_abs_diff"] is not None]
+    restored = max([m["restored_max_abs_diff"] for m in results if m["restored_acc"] is not None], default=None)
     return {"erased_acc": first["erased_acc"], "regular_acc": first["regular_acc"],
-            "base_regular_acc": base_m["regular_acc"] if reg else None,
+            "base_regular_acc": base_m["regular_acc"] if reg else None, "regular_max_drop": max(drops, default=None),
             "regular_mean_drop": sum(drops) / len(drops) if drops else None,
-            "regular_max_drop": max(drops) if drops else None,
-            "restored_acc": results[-1]["restored_acc"], "restored_max_abs_diff": max(restored) if restored else None,
+            "restored_acc": results[-1]["restored_acc"], "restored_max_abs_diff": restored,
             "watermark_max_diff": max(m["watermark_max_diff"] for m in results),
             "watermark_dist": results[-1]["watermark_dist"], "base_watermark_dist": base_m["watermark_dist"],
             "base_class_acc": base_m["class_acc"], "scene": results}
@@ -433,12 +435,10 @@ def main(args: Args):
     if args.n_nll > 0:
         metrics.update(E.class_nll(final, *C.load_data(args.dataset, args.data_root, "test"), first, args.n_nll,
                                    args.nll_tol))
+    keys = ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd")
     base_eval = E.evaluate_base(base_path, clf, args, first)[0]
-    metrics = {k: metrics.get(k) for k in ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd",
-                                           "nll_kept_bpd", "nll_forget_null_bpd")} | {
+    metrics = {k: metrics.get(k) for k in keys} | {f"base_{k}": base_eval.get(k) for k in (*keys, "nfe", "params")} | {
         "seconds": train["seconds"] + train["data_seconds"], "nfe": args.sample_steps, "params": C.n_params(final),
-        **{f"base_{k}": base_eval.get(k) for k in ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd",
-                                                    "nll_kept_bpd", "nll_forget_null_bpd", "nfe", "params")},
         "base_seconds": None, "shifts_loaded": not trained, "erased_concepts": first,
         **summarise(base_m, results, steps, erasable, info), **exactness(base, shifts, erasable, args.seed),
         "train": train, "compare": compare, "classifier_test_acc": clf.test_acc}

@@ -1,7 +1,8 @@
-"""srs_me.py: the null-space basis, exact invariance of every protected token under every subset of shifts,
-exact restoration, optimisation decoupling, the momentum stopping rule, the loss functions copied alone, a short
-erase on the CI base that lowers the concept's accuracy, and the command line (scene, the run folder's files,
-saved shifts combined at load time, bad input)."""
+"""srs_me.py: the null-space basis (and its rotation onto the concept), exact invariance of every protected token
+under every subset of shifts, exact restoration, optimisation decoupling, the momentum stopping rule, the loss
+functions copied alone, the regulariser's weight set from its gradient share, a short erase on the CI base that
+lowers the concept's accuracy, and the command line (scene, the run folder's files, saved shifts combined at load
+time, bad input)."""
 import itertools
 import json
 
@@ -49,6 +50,12 @@ def test_basis_spans_the_null_space_of_the_protected_embeddings(digits_base):
         assert torch.allclose(B @ B.T, torch.eye(len(B)), atol=1e-5)
         # the erased concept itself keeps most of its embedding in the space the shift can act on
         assert (B @ emb[k]).norm() > 0.5 * emb[k].norm()
+        # rotated onto the concept: the same space, and e_k has a component along row 0 only
+        Bk = S.null_space_basis(e_m, 64, emb[k])
+        assert torch.allclose(Bk.T @ Bk, B.T @ B, atol=1e-5) and torch.allclose(Bk @ Bk.T, torch.eye(56), atol=1e-5)
+        u = Bk @ emb[k]
+        assert u[0].abs() == pytest.approx((B @ emb[k]).norm().item(), rel=1e-4)
+        assert u[1:].abs().max() < 1e-5 * u[0].abs()
     assert S.null_space_basis(emb[[0, 1]], max_base=5).shape == (5, 64)
     with pytest.raises(ValueError, match="protect fewer"):
         S.null_space_basis(torch.randn(70, 64), 64)
@@ -129,6 +136,8 @@ def test_loss_functions_copied_alone_give_the_same_results():
     e_m, P = torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g)
     B = S.null_space_basis(e_m, 3)
     assert torch.equal(ns["null_space_basis"](e_m, 3), B) and (e_m @ B.T).abs().max() < 1e-5
+    e_k = torch.randn(6, generator=g)
+    assert torch.equal(ns["null_space_basis"](e_m, 3, e_k), S.null_space_basis(e_m, 3, e_k))
     with pytest.raises(ValueError, match="protect fewer"):
         ns["null_space_basis"](torch.randn(7, 6, generator=g), 6)
     assert torch.equal(ns["shift"](P, B, 0.1), S.shift(P, B, 0.1))
@@ -138,6 +147,14 @@ def test_loss_functions_copied_alone_give_the_same_results():
     assert torch.equal(ns["concept_representation"](a, b), r) and torch.equal(r, a - b)
     assert torch.equal(ns["correlation_loss"](r, c), S.correlation_loss(r, c))
     assert S.correlation_loss(r, c).item() == pytest.approx((r * c).sum().item() / r.numel(), rel=1e-5)
+    assert torch.equal(ns["relative_correlation"](r, c), S.relative_correlation(r, c))
+    assert S.relative_correlation(r, c).item() == pytest.approx((r * c).sum().item() / (c * c).sum().item(), rel=1e-5)
+    assert S.relative_correlation(c, c).item() == pytest.approx(1.0) and S.relative_correlation(-c, c).item() < 0
+    torch.manual_seed(0)
+    t = S.stratified_t(2, 8, 1000, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(ns["stratified_t"](2, 8, 1000, "cpu"), t)
+    assert (t.view(2, 8) // 125 == torch.arange(8)).all()           # one t in each eighth of {0..999}, per group
     d = {"k": torch.tensor([[1.0, -2.0]]), "v": torch.tensor([[-3.0, 0.5]])}
     assert ns["l1_size"](d).item() == S.l1_size(d).item() == pytest.approx(6.5 / 2)
     for m_prev in (None, 0.5):
@@ -150,14 +167,35 @@ def test_loss_functions_copied_alone_give_the_same_results():
         [False, True, False, True]
 
 
+def test_regulariser_weight_is_set_from_its_gradient_share(digits_base):
+    """lambda is fixed at the first step with a non-zero shift so that the L1 gradient is reg_share times the
+    correlation gradient (norms); the share kept is logged; reg_share 0 means no regulariser."""
+    _, model = digits_base
+    model = model.eval().requires_grad_(False)
+    data = {0: C.sample(model, C.VP(), torch.full((8,), 0), steps=4, seed=11)}
+    got = {}
+    for share in (0.0, 1.0, 3.0):
+        torch.manual_seed(0)
+        got[share] = S.train_shifts(model, [0], ERASABLE, data, C.make_args(S.Args, max_steps=8, reg_share=share,
+                                                                            batch_size=4))
+    assert got[0.0][1]["reg_lambda"][0] == 0.0 and got[0.0][1]["reg_share"][0] == 0.0
+    # the same first two steps: lambda scales with the share; the logged share is near it (mean over 8 steps,
+    # step 1 without a shift counts 0)
+    assert got[3.0][1]["reg_lambda"][0] == pytest.approx(3 * got[1.0][1]["reg_lambda"][0], rel=1e-4)
+    for share in (1.0, 3.0):
+        assert 0.3 * share < got[share][1]["reg_share"][0] * 8 / 7 < 3 * share
+    size = {share: S.l1_size(got[share][0][0]).item() for share in got}   # the regulariser shrinks the shift
+    assert size[3.0] < size[1.0] < size[0.0]
+
+
 def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier):
     _, model = digits_base
     model = model.eval().requires_grad_(False)
-    args = C.make_args(S.Args, max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32, sample_steps=20)
+    args = C.make_args(S.Args, max_steps=60, tau=0.0, lr=0.8, batch_size=8, n_train_images=32, sample_steps=20)
     torch.manual_seed(0)
     data = {0: C.sample(model, C.VP(), torch.full((32,), 0), steps=20, seed=11)}
     shifts, stats = S.train_shifts(model, [0], ERASABLE, data, args)
-    assert stats["first_loss"][0] > args.tau and 10 < stats["steps"][0] <= 60
+    assert stats["first_loss"][0] > 0 and 10 < stats["steps"][0] < 60 and stats["final_rho"][0] < args.tau
     edited = S.combine(model, shifts, [0])
     c = torch.cat([torch.full((40,), 0), torch.full((40,), 6), torch.full((40,), 1)])
     xb, xe = (C.sample(m, C.VP(), c, steps=20, seed=5) for m in (model, edited))
@@ -169,7 +207,7 @@ def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier
 
 def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir):
     small = ["--tag", "ci", "--n-per-class", "6", "--sample-steps", "8", "--n-train-images", "16",
-             "--max-steps", "15", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3"]
+             "--max-steps", "15", "--batch-size", "8", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3"]
     r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
