@@ -783,7 +783,7 @@ class Tracker:
         for name, log in self.logs.items():
             for tag, points in self.series(name, log):
                 for step, v in points[self.done.get(tag, 0):]:
-                    if not skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    if not skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                         self.writer.add_scalar(tag, v, step)
                 self.done[tag] = len(points)
         self.writer.flush()

@@ -786,7 +786,7 @@ def compare(a: CompareArgs) -> dict:
     clf = load_judge(a, dev)
     for src in (base_src, base_src.parent / "unet", C.RUNS / f"classifier-{a.dataset}" / "model.safetensors"):
         dst = ws / src.relative_to(C.RUNS)
-        if not dst.exists() or C.file_id(dst) != C.file_id(src):
+        if src.exists() and (not dst.exists() or C.file_id(dst) != C.file_id(src)):
             shutil.rmtree(dst, ignore_errors=True)
             dst.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)

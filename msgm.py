@@ -12,8 +12,8 @@ the model score s_theta = -eps_theta(x_t, t) / sigma(t) and the conditional scor
 
 Training is score_sde's continuous-time VP-SDE (beta 0.1..20, t ~ U(1e-5, 1), network time 999 t); the model is
 unconditional (common.CondUNet always gets the null token) and the class labels only say which images are
-undesirable. Every run folder holds model.safetensors (C.load_checkpoint(folder, dataset) loads it; sample it under the
-null token), samples.pt (unconditional samples), samples.png and metrics.json.
+undesirable. Every run folder holds model.safetensors (C.load_checkpoint(folder, dataset) loads it; sample it
+under the null token), samples.pt (unconditional samples), samples.png and metrics.json.
 
     python msgm.py                                    # digits, CPU: Obtuse-MSGM fine-tuned from the base
     python msgm.py --forget 3 --task square --tag sq  # Orthogonal-MSGM, forgetting class 3
@@ -179,7 +179,7 @@ def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict,
     model = model.to(device).train()
     ema = C.EMA(model, hp["ema"])
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    scaler, log = C.grad_scaler(device, args.amp), []
+    scaler, log = C.grad_scaler(device, args.amp), {"retain": [], "forget": []}   # per step (forget: NaN off its steps)
     eps_fn = unconditional(torch.compile(model) if args.compile else model)
     task, B, flip = args.task if x_forget is not None else None, hp["batch_size"], model.info.name == "cifar10"
     resume = C.Resume(resume_path, key, args.save_every, track, model=model, ema=ema, opt=opt, scaler=scaler, log=log)
@@ -203,12 +203,13 @@ def train(model, x_keep, x_forget, args: Args, hp: dict, resume_path, key: dict,
         scaler.step(opt)
         scaler.update()
         ema.update(model)
-        log.append((l_keep.item(), l_forget.item() if l_forget is not None else math.nan))
+        log["retain"].append(l_keep.item())
+        log["forget"].append(l_forget.item() if l_forget is not None else math.nan)
         if (step + 1) % 100 == 0 or step + 1 == hp["steps"]:
-            k = torch.tensor(log[-100:])
-            bar.set_postfix(retain=f"{k[:, 0].mean():.4f}", forget=f"{k[:, 1].nanmean():.4f}")
+            r, f = (torch.tensor(log[k][-100:]).nanmean() for k in ("retain", "forget"))
+            bar.set_postfix(retain=f"{r:.4f}", forget=f"{f:.4f}")
             if (step + 1) % 500 == 0:
-                tqdm.write(f"{desc} step {step + 1}: retain {k[:, 0].mean():.4f}  forget {k[:, 1].nanmean():.4f}  "
+                tqdm.write(f"{desc} step {step + 1}: retain {r:.4f}  forget {f:.4f}  "
                            f"{resume.clock()['seconds']:.0f}s")
         resume.save(step + 1)
     resume.finish()
