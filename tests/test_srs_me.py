@@ -212,8 +212,9 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     out = runs_dir / "srs_me-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png", "samples.pt", "model.safetensors"))
-    assert sorted(p.name for p in (out / "shifts").iterdir()) == ["concept_0.safetensors", "concept_1.safetensors", "concept_2.safetensors"]
+    assert all((out / f).exists() for f in ("args.json", "metrics.json", "samples.png", "samples.pt",
+                                            "model.safetensors"))
+    assert sorted(p.name for p in (out / "shifts").iterdir()) == [f"concept_{k}.safetensors" for k in range(3)]
     assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
     assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
     assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
