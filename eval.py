@@ -571,8 +571,10 @@ COMPARE_BUDGETS = {
         retrain=dict(steps=1400),              # the base recipe (700 steps left an undertrained reference)
         sfd=dict(iters=150),                   # default 300; its curve reaches forget rate 0 at 150
         srs_me={},                             # the file's defaults: its stop rule ends the shift
-        siss=dict(steps=150, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20),   # every image
-                                               # of the class, a fixed budget, no copy monitoring
+        siss=dict(steps=150, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20,   # every image of
+                  scaling_norm="5", ema=0.0, lr=1e-4),   # the class, a fixed budget, no copy monitoring; the official
+        # constants (delete_tshirt.yaml: scaling_norm 5, no EMA): the defaults' rule (10% of the naive norm, 1.0
+        # here) and EMA, set on the T-shirt copies, push 5x less and left 84% of the 0s after 150 steps
         bilevel_prune={},                      # the defaults (keep 0.55); 600 steps left retain acc 0.71
         msgm=dict(finetune=True, task="norm", steps=300),   # Obtuse-MSGM fine-tuned from the base
         eval=dict(n_per_class=50, sample_steps=50, n_uncond=500, n_nll=12, nll_tol=1e-4)),
