@@ -582,8 +582,9 @@ COMPARE_BUDGETS = {
     ("digits", "ci"): dict(
         retrain=dict(steps=10),                # exercises the path only: 10 steps make no usable model
         sfd=dict(iters=50, batch_size=16, lr_g=5e-4, lr_fake=5e-4, ema=0.5),
-        srs_me=dict(max_steps=60, tau=3e-3, scale_factor=1e-2, n_train_images=32),
-        siss=dict(steps=30, batch_size=32, lr=2e-4, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20),
+        srs_me=dict(max_steps=60, tau=0.0, lr=0.8, batch_size=8, n_train_images=32),
+        siss=dict(steps=30, batch_size=32, lr=2e-4, stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=20,
+                  scaling_norm="5", ema=0.0),
         bilevel_prune=dict(keep=0.8, steps=60, batch_size=32, upper_every=2, lr_up_mult=1.0, warmup=10),
         msgm=dict(finetune=True, task="norm", steps=40, batch_size=32, forget_weight=0.5, forget_every=1,
                   ema=0.5),
