@@ -1133,12 +1133,12 @@ def load_base(dataset: str = "digits", device="cpu", tag: str = "", extra=None, 
     return load_checkpoint(path, dataset, device)[0]
 
 
-def base_model(args, device, **kw) -> tuple[CondUNet, Path]:
+def base_model(args, device, tag: str = "", extra=None, **recipe) -> tuple[CondUNet, Path]:
     """(model, path) a method starts from: --base (a model file, a run folder or a diffusers UNet folder)
-    if given, else the cached base model of the dataset, pretrained first if absent."""
-    if args.base:
-        return load_checkpoint(args.base, args.dataset, device)[0], Path(args.base)
-    path = pretrain(args.dataset, device=device, root=args.data_root, **kw)
+    if given, else the cached base model of the dataset (tag, extra, recipe: see pretrain), pretrained first
+    if absent."""
+    path = Path(args.base) if args.base else pretrain(args.dataset, tag, extra, device=device, root=args.data_root,
+                                                       **recipe)
     return load_checkpoint(path, args.dataset, device)[0], path
 
 

@@ -148,14 +148,13 @@ def scenario(args: Args, device):
         tag = "outlier" + ("" if n == C.make_args(Args, dataset=args.dataset).outlier_copies else str(n)) + \
             ("" if args.base_p_null == 0.1 else f"-p{args.base_p_null:g}")
         x, y = C.training_set(args.dataset, args.data_root, extra)
-        forget, recipe = torch.arange(len(x) - n, len(x)), dict(root=args.data_root, p_null=args.base_p_null)
+        forget, recipe = torch.arange(len(x) - n, len(x)), dict(p_null=args.base_p_null)   # (for its pretraining)
     else:
         x, y = C.training_set(args.dataset, args.data_root)
         forget = torch.nonzero(y == int(args.forget)).flatten() if args.mode == "class" else \
             torch.tensor(sorted({int(i) for i in args.forget_idx.split(",")}))
-        tag, extra, recipe = "", None, dict(root=args.data_root)
-    base, path = C.base_model(args, device) if args.base else (   # --base: in outlier mode, trained with the copies
-        C.load_base(args.dataset, device, tag=tag, extra=extra, **recipe), C.base_path(args.dataset, tag))
+        tag, extra, recipe = "", None, {}
+    base, path = C.base_model(args, device, tag, extra, **recipe)   # --base: in outlier mode, trained with the copies
     keep = torch.nonzero(~torch.isin(torch.arange(len(x)), forget)).flatten()
     inverse = torch.unique(x[forget], dim=0, return_inverse=True)[1]          # the outlier: one image
     pick = forget[torch.tensor([int(torch.nonzero(inverse == u)[0]) for u in range(int(inverse.max()) + 1)])]

@@ -396,8 +396,8 @@ def test_mnist_tshirt_scenario_builds(monkeypatch):
         y[1] = 0                                  # Fashion-MNIST train image 1 is a T-shirt
         return torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, y
     monkeypatch.setattr(C, "load_data", fake_load_data)
-    monkeypatch.setattr(C, "load_base", lambda dataset, device, **kw: C.CondUNet(dataset).to(device))
-    monkeypatch.setattr(C, "pretrain", lambda *a, **kw: None)
+    monkeypatch.setattr(C, "base_model", lambda args, device, tag="", extra=None, **kw:   # no pretraining
+                        (C.CondUNet(args.dataset).to(device), C.base_path(args.dataset, tag)))
     args = C.make_args(siss.Args, dataset="mnist")
     siss.check_args(args)
     assert (args.steps, args.batch_size, args.lr, args.lam, args.scaling_norm, args.outlier_copies) == \
