@@ -207,11 +207,10 @@ def train_shifts(base, concepts, erasable, data: dict, args: Args, desc: str = "
          for k in concepts}                                          # zero init (paper's s2): starts at theta
     opt = {k: torch.optim.Adam(P[k].values(), lr=args.lr) for k in concepts}   # one per concept and its own stop
     active, steps, first, final, rho, secs, step, peak = list(concepts), {}, {}, {}, {}, {}, 0, 0
-    lam, shares, scaler, saved = None, [], C.grad_scaler(dev, args.amp), {}   # (a stopped concept stays put)
-    # bytes autograd keeps for backward: the activation memory that grows with the concepts trained together
+    lam, shares, scaler, t0, cpu0 = None, [], C.grad_scaler(dev, args.amp), time.time(), time.process_time()
     pack = lambda t: saved.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()}) or t
-    torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
-    t0, cpu0 = time.time(), time.process_time()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     bar = C.tqdm(total=args.max_steps, desc=desc or f"shift {','.join(map(str, concepts))}", leave=False)
     while active:
         step += 1
@@ -223,9 +222,10 @@ def train_shifts(base, concepts, erasable, data: dict, args: Args, desc: str = "
         with torch.no_grad(), C.autocast(dev, args.amp):                 # original model: the pseudo ground truth
             r_orig = concept_representation(*base(x2, t2, c2).float().chunk(2))
         delta = {n: sum(shift(P[k][n], B[k], args.scale_factor) for k in concepts) for n in W}
+        saved = {}   # bytes autograd keeps for backward (pack): the activation memory that grows with the concepts
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), C.autocast(dev, args.amp):
             eps = functional_call(base, {n: W[n] + delta[n] for n in W}, (x2, t2, c2)).float()
-        peak, _ = max(peak, sum(saved.values())), saved.clear()
+        peak = max(peak, sum(saved.values()))
         pairs = list(zip(concept_representation(*eps.chunk(2)).chunk(len(active)), r_orig.chunk(len(active))))
         l_cor = [correlation_loss(a, b) for a, b in pairs]
         eta = balancing_weights([l.item() for l in l_cor])               # all 1 for one concept
