@@ -100,6 +100,27 @@ def parse_classes(s: str, info: DataInfo, what: str = "class") -> list:
     return [check_class(info, c, what) for c in cs]
 
 
+def parse_recipe(s: str, flag: str = "--base-recipe") -> dict:
+    """'steps=5000,batch_size=64' -> {'steps': 5000, 'batch_size': 64}: fields of common.Args (a pretraining
+    recipe), each value of its field's type and positive; '' -> {}."""
+    fields, out = {f.name: f for f in _fields(Args)}, {}
+    for item in filter(None, (v.strip() for v in s.split(","))):
+        name, _, value = item.partition("=")
+        f = fields.get(name.strip().replace("-", "_"))
+        if f is None or isinstance(f.default, (bool, str)):
+            raise UsageError(f"{flag} {s!r}: {name!r} is not a number of the pretraining recipe; use name=value "
+                             f"pairs of python common.py's flags, e.g. steps=5000,batch_size=64")
+        try:
+            v = type(f.default)(float(value)) if isinstance(f.default, int) and float(value).is_integer() else \
+                type(f.default)(value)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(v) or v < 0 or v == 0 and f.name not in ("warmup", "p_null", "ema"):
+            raise UsageError(f"{flag} {item!r}: must be a positive number")
+        out[f.name] = v
+    return out
+
+
 def load_data(name: str = "digits", root: str = "data", split: str = "train"):
     """Return (x, y): x float32 in [-1, 1] of shape [N, C, S, S], y int64 labels."""
     info = data_info(name)

@@ -68,6 +68,8 @@ class Args(C.RunArgs):
     """probability that a pair is conditioned on the null token (our model is conditional; the paper's is not)"""
     base_p_null: float = 0.1
     """label dropout of the outlier base when it is pretrained (more: the null token draws the outlier more often)"""
+    base_recipe: str = ""
+    """the outlier base's pretraining over the dataset's recipe, e.g. steps=5000,batch_size=64 (MNIST on a CPU)"""
     ema: float = 0.99
     """decay of an EMA of the weights while unlearning, the model judged and saved (0: none, as the official code)"""
     t_fixed: int = -1
@@ -145,10 +147,11 @@ def scenario(args: Args, device):
         n = args.outlier_copies
         extra = (shirt_image(info, args.data_root).expand(n, -1, -1, -1).clone(),
                  torch.full((n,), C.tokens(info)["spare"][0]))
-        tag = "outlier" + ("" if n == C.make_args(Args, dataset=args.dataset).outlier_copies else str(n)) + \
-            ("" if args.base_p_null == 0.1 else f"-p{args.base_p_null:g}")
+        recipe = {"p_null": args.base_p_null, **C.parse_recipe(args.base_recipe)}   # its pretraining; tagged
+        tag = f"outlier{'' if n == C.make_args(Args, dataset=args.dataset).outlier_copies else n}" + "".join(
+            f"-{'p' if k == 'p_null' else k}{v:g}" for k, v in recipe.items() if (k, v) != ("p_null", 0.1))
         x, y = C.training_set(args.dataset, args.data_root, extra)
-        forget, recipe = torch.arange(len(x) - n, len(x)), dict(p_null=args.base_p_null)   # (for its pretraining)
+        forget = torch.arange(len(x) - n, len(x))
     else:
         x, y = C.training_set(args.dataset, args.data_root)
         forget = torch.nonzero(y == int(args.forget)).flatten() if args.mode == "class" else \
@@ -322,8 +325,7 @@ def unlearn(model, clf, data, ctx: dict, args: Args, device, out, copies: bool =
     alpha_bar = C.VP().alpha_bar.to(device, torch.float32 if device.type == "mps" else torch.float64)
     ema = C.EMA(model.train().requires_grad_(True), args.ema)   # judged and kept (official delete_tshirt.py: no EMA)
     params, scaler = [p for p in model.parameters() if p.requires_grad], C.grad_scaler(device, args.amp)
-    # The official README: scaling_norm "10% of naive deletion term's gradient norm", here |grad L_{X\\A}| of the
-    # model at hand over 8 keep batches of their own stream, in true units (unscaled) under fp16 loss scaling
+    # scaling_norm = "10% of naive deletion term's gradient norm" (official README): |grad L_{X\\A}| over 8 batches
     norms, ngen = [], torch.Generator().manual_seed(10_000 + args.seed)
     for x0, c_x, _, _, t, eps in (make_batch(*data, args, model.tok, ngen, device) for _ in range(8)):
         with C.autocast(device, args.amp):
@@ -430,7 +432,6 @@ def main(args: Args):
     rows = [s["x"][s["c"] == c] for c in order for s in (base_s, res_s)]
     k, framed = min(16, *map(len, rows)), range(2 * len(ctx["tokens"]))
     C.save_grid(torch.cat([r[:k] for r in rows]), out / "samples.png", nrow=k, highlight_rows=framed)
-
     metrics = {**res_m, **{f"base_{n}": v for n, v in base_m.items()}, "base_seconds": None, **log,
                "copy_threshold": args.copy_threshold, "n_forget": len(data[3])}
     cols = ["forget_rate", *(["copy_rate_token"] if ctx["classes"] else []), "copy_rate_uncond", "copy_rate_uncond_ci",

@@ -378,7 +378,9 @@ def test_usage_errors_are_one_line(capsys):
                         (["--dataset", "cifar10"], "outlier"), (["--lam", "1.5"], "--lam"),
                         (["--forget", "shirt"], "--forget"), (["--forget", "3", "--forget-idx", "5"], "not both"),
                         (["--sampler", "em"], "--sampler"), (["--also-sampler", "em"], "--also-sampler"),
-                        (["--scaling-norm", "big"], "--scaling-norm"), (["--n-uncond", "0"], "--n-uncond")]:
+                        (["--scaling-norm", "big"], "--scaling-norm"), (["--n-uncond", "0"], "--n-uncond"),
+                        (["--base-recipe", "stepz=5"], "stepz"), (["--base-recipe", "steps=many"], "not a number"),
+                        (["--base-recipe", "batch_size=-4"], "positive"), (["--base-recipe", "tag=x"], "tag")]:
         with pytest.raises(SystemExit) as e:
             C.cli(siss.main, siss.Args, argv)
         err = capsys.readouterr().err
@@ -412,6 +414,13 @@ def test_mnist_tshirt_scenario_builds(monkeypatch):
     log = siss.unlearn_step(base, C.VP().alpha_bar, opt, C.grad_scaler("cpu"), b, args, 5.0)
     assert b[0].shape == (2, 1, 32, 32) and math.isfinite(log["loss_x"]) and math.isclose(log["scale"] * log["gnorm_a"], 5.0, rel_tol=1e-4)
     assert torch.equal(ctx["x_forget"], x[forget[:1]]) and len(ctx["x_nll"]) == 1 + 50   # the shirt, then test images
+    asked = {}    # --base-recipe: the outlier base's own pretraining recipe reaches pretrain, under its own tag
+    monkeypatch.setattr(C, "base_model", lambda args, device, tag="", extra=None, **kw:
+                        asked.update(tag=tag, recipe=kw) or (C.CondUNet(args.dataset), C.base_path(args.dataset, tag)))
+    siss.scenario(C.make_args(siss.Args, dataset="mnist", base_recipe="steps=5e3,batch_size=64"), "cpu")
+    assert asked == dict(tag="outlier-steps5000-batch_size64", recipe=dict(p_null=0.1, steps=5000, batch_size=64))
+    siss.scenario(C.make_args(siss.Args, dataset="mnist", base_p_null=0.5, base_recipe="lr=1e-3"), "cpu")
+    assert asked == dict(tag="outlier-p0.5-lr0.001", recipe=dict(p_null=0.5, lr=1e-3))
 
 
 def test_help_shows_the_values_used():
