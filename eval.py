@@ -576,7 +576,7 @@ COMPARE_BUDGETS = {
         # constants (delete_tshirt.yaml: scaling_norm 5, no EMA): the defaults' rule (10% of the naive norm, 1.0
         # here) and EMA, set on the T-shirt copies, push 5x less and left 84% of the 0s after 150 steps
         bilevel_prune={},                      # the defaults (keep 0.55); 600 steps left retain acc 0.71
-        msgm=dict(finetune=True, task="norm", steps=300),   # Obtuse-MSGM fine-tuned from the base
+        msgm=dict(finetune=True, task="norm", steps=300, control=False),   # Obtuse-MSGM fine-tuned from the base
         eval=dict(n_per_class=50, sample_steps=50, n_uncond=500, n_nll=12, nll_tol=1e-4)),
     # CI: one seed on the 700-step test base; the short-run settings the methods' own tests calibrated
     ("digits", "ci"): dict(
@@ -587,7 +587,7 @@ COMPARE_BUDGETS = {
                   scaling_norm="5", ema=0.0),
         bilevel_prune=dict(keep=0.8, steps=60, batch_size=32, upper_every=2, lr_up_mult=1.0, warmup=10),
         msgm=dict(finetune=True, task="norm", steps=40, batch_size=32, forget_weight=0.5, forget_every=1,
-                  ema=0.5),
+                  ema=0.5, control=False),
         eval=dict(n_per_class=20, sample_steps=10, n_uncond=300, n_nll=2, nll_tol=1e-3)),
     # 32x32 data on a GPU: NOT MEASURED yet, first guesses scaled from the digits budget
     ("32px", "full"): dict(
@@ -596,7 +596,7 @@ COMPARE_BUDGETS = {
         srs_me={},
         siss=dict(stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=100),
         bilevel_prune=dict(steps=5000, lr=1e-4),
-        msgm=dict(finetune=True, task="norm", steps=2000),
+        msgm=dict(finetune=True, task="norm", steps=2000, control=False),
         eval=dict(n_per_class=100, sample_steps=50, n_uncond=1000, n_nll=50, nll_tol=1e-5)),
 }
 
@@ -661,7 +661,9 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
         return argv, ws / C.run_dir("base", ds, tag).relative_to(C.RUNS)
     forget = dict(erase=str(f), erasable=",".join(map(str, sorted(set(range(6)) | {f})))) if name == "srs_me" \
         else dict(forget=str(f))
-    n = dict(n_samples=e["n_uncond"]) if name == "msgm" else dict(n_per_class=e["n_per_class"])
+    n = dict(n_per_class=e["n_per_class"])   # msgm: unconditional samples, from the workspace's base (its null token)
+    if name == "msgm":
+        n = dict(n_samples=e["n_uncond"], base=str(ws / C.base_path(ds).relative_to(C.RUNS)))
     argv = [f"{name}.py", *flags(dict(common, tag=f"s{seed}", n_nll=e["n_nll"], nll_tol=e["nll_tol"], **n, **forget,
                                       **b[name]))]
     return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)

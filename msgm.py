@@ -55,6 +55,8 @@ class Args(C.RunArgs):
     kept data only for as many steps"""
     steps: int = 1400
     """fine-tuning steps of MSGM and of its kept-only control (the released fine-tune runs the full training length)"""
+    control: bool = True
+    """--finetune: train and evaluate the kept-only control too (eval.py compare, which has its own, leaves it out)"""
     scratch_steps: int = 1400
     """training steps of every model trained from scratch (the base model's length on digits)"""
     batch_size: int = 64
@@ -340,7 +342,7 @@ def main(args: Args):
     else:
         normal = reference_model(args, x, list(range(info.num_classes)), device)
     refs = {"normal (all data)": normal}
-    if args.finetune:    # the control: the same normal model fine-tuned on kept data only, for as many steps
+    if args.finetune and args.control:   # the same normal model fine-tuned on kept data only, for as many steps
         refs["fine-tune on kept data"] = reference_model(args, x_keep, kept, device, init=(normal[0], normal[2]))
     else:
         refs["retrain (kept data)"] = reference_model(args, x_keep, kept, device)

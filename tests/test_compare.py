@@ -95,6 +95,9 @@ def test_commands_are_what_a_user_types(tmp_path):
     argv, folder = E.command("retrain", E.CompareArgs(forget=3), 1, E.COMPARE_BUDGETS[("digits", "full")], tmp_path)
     assert argv[:3] == ["common.py", "--dataset", "digits"] and "--drop-classes" in argv
     assert folder == tmp_path / "base-digits-no3-s1"
+    argv, _ = E.command("msgm", E.CompareArgs(), 0, E.COMPARE_BUDGETS[("digits", "full")], tmp_path)
+    assert argv[argv.index("--base") + 1] == str(tmp_path / "base-digits" / "model.safetensors")   # the shared base
+    assert "--finetune" in argv and "--no-control" in argv
 
 
 @pytest.mark.parametrize("argv, message", [
