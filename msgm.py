@@ -342,10 +342,10 @@ def main(args: Args):
     else:
         normal = reference_model(args, x, list(range(info.num_classes)), device)
     refs = {"normal (all data)": normal}
-    if args.finetune and args.control:   # the same normal model fine-tuned on kept data only, for as many steps
-        refs["fine-tune on kept data"] = reference_model(args, x_keep, kept, device, init=(normal[0], normal[2]))
-    else:
+    if not args.finetune:
         refs["retrain (kept data)"] = reference_model(args, x_keep, kept, device)
+    elif args.control:   # the same normal model fine-tuned on kept data only, for as many steps
+        refs["fine-tune on kept data"] = reference_model(args, x_keep, kept, device, init=(normal[0], normal[2]))
     rows, grid = {}, {}
     for ref, (model, secs, path) in refs.items():
         m, grid[ref] = evaluate_fixed(path, model, clf, args, forget, data)

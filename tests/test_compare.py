@@ -52,6 +52,10 @@ def test_rows_carry_what_sets_the_methods_apart(ci_compare, runs_dir):
         assert json.loads((folder / "args.json").read_text())["seed"] == 0
     ck = C.load(ws / "base-digits-no0-s0" / "model.safetensors")
     assert ck["dropped"] == [0] and ck["done"]
+    # MSGM fine-tunes the shared base and nothing else: no control, no model trained from scratch beside it
+    msgm = json.loads((ws / "msgm-digits-s0" / "metrics.json").read_text())
+    assert list(msgm["models"]) == ["normal (all data)", "Obtuse-MSGM (fine-tuned)"]
+    assert not list(ws.glob("msgm-digits-dsm-*")) and not list(ws.glob("msgm-digits-ft-*"))
     s = E.load_samples(ws / "base-digits-no0-s0" / "samples.pt")
     assert (s["c"] == s["null"]).sum() == CI["eval"]["n_uncond"] and (s["c"] < 10).sum() == 10 * CI["eval"]["n_per_class"]
     x, y = C.training_set("digits", drop_classes=(0,))
