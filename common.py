@@ -102,7 +102,7 @@ def parse_classes(s: str, info: DataInfo, what: str = "class") -> list:
 
 def parse_recipe(s: str, flag: str = "--base-recipe") -> dict:
     """'steps=5000,batch_size=64' -> {'steps': 5000, 'batch_size': 64}: fields of common.Args (a pretraining
-    recipe), each value of its field's type and positive; '' -> {}."""
+    recipe), each value of its field's type and positive (warmup, p_null and ema may be 0); '' -> {}."""
     fields, out = {f.name: f for f in _fields(Args)}, {}
     for item in filter(None, (v.strip() for v in s.split(","))):
         name, _, value = item.partition("=")

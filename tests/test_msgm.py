@@ -207,9 +207,8 @@ def test_toy_forget_terms_point_the_score_where_their_names_say(toy_normal):
 def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, digits_classifier, runs_dir):
     # EMA 0.5: with the default 0.995 forty steps barely reach the evaluated (EMA) weights (measured: no change)
     r = run_script("msgm.py", "--finetune", "--base", str(digits_base[0]), "--forget", "1,5", "--task", "norm",
-                   "--steps", "40", "--forget-weight",
-                   "0.5", "--forget-every", "1", "--ema", "0.5", "--n-samples", "300", "--sample-steps", "10",
-                   "--n-nll", "12", "--tag", "ci")
+                   "--steps", "40", "--forget-weight", "0.5", "--forget-every", "1", "--ema", "0.5", "--n-samples",
+                   "300", "--sample-steps", "10", "--n-nll", "12", "--tag", "ci")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd", "nll_kept_bpd",
