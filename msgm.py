@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -338,7 +337,8 @@ def main(args: Args):
           + ("fine-tuning normal, against fine-tuning it on kept data only" if args.finetune else
              "normal, retrain and MSGM from scratch"))
     if args.base:        # someone's normal model, to fine-tune (check() refuses --base without --finetune)
-        normal = C.load_checkpoint(args.base, info.name, device)[0], None, Path(args.base)
+        model, path = C.base_model(args, device)
+        normal = model, None, path
     else:
         normal = reference_model(args, x, list(range(info.num_classes)), device)
     refs = {"normal (all data)": normal}
@@ -352,9 +352,10 @@ def main(args: Args):
         rows[ref] = dict(m, seconds=secs)
     C.seed_everything(args.seed)
     start = copy.deepcopy(normal[0]) if args.finetune else C.CondUNet(info.name)
-    model, seconds = train(start, x_keep, x_forget, args, recipe(args, not args.finetune), out / "resume.pt",
-                           asdict(args), device, args.task, args.track and out / "tb")
-    C.save_checkpoint(out / "model.safetensors", model, recipe(args, not args.finetune)["steps"], args=asdict(args))
+    hp = recipe(args, scratch=not args.finetune)
+    model, seconds = train(start, x_keep, x_forget, args, hp, out / "resume.pt", asdict(args), device, args.task,
+                           args.track and out / "tb")
+    C.save_checkpoint(out / "model.safetensors", model, hp["steps"], args=asdict(args))
     name += " (fine-tuned)" if args.finetune else ""
     m, s = evaluate(model, clf, args, forget, data)
     rows[name] = dict(m, seconds=seconds)
