@@ -374,9 +374,9 @@ def esd(args: Args, student, dev, steps: int | None = None) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 def timed_samples(model, args: Args, c) -> tuple:
-    """DDIM samples for tokens c, and images per wall-clock second and per CPU second (robust to other jobs)."""
+    """Samples (--sampler) for tokens c, and images per wall-clock and per CPU second (robust to other jobs)."""
     w0, p0 = time.time(), time.process_time()
-    x = C.sample(model, C.VP(), c.to(next(model.parameters()).device), "ddim", args.sample_steps, seed=args.seed,
+    x = C.sample(model, C.VP(), c.to(next(model.parameters()).device), args.sampler, args.sample_steps, seed=args.seed,
                  amp=args.amp)
     return x, len(c) / (time.time() - w0), len(c) / (time.process_time() - p0)
 
@@ -388,7 +388,8 @@ def evaluate(args: Args, out, teacher, student, clf, log: dict, seconds: float, 
     c = C.class_tokens(info.num_classes, args.n_per_class)
     student.eval().requires_grad_(False)
     (xt, ips_t, ipc_t), (x, ips_s, ipc_s) = timed_samples(teacher, args, c), timed_samples(student, args, c)
-    s = dict(x=x, c=c, sampler=f"ddim-{args.sample_steps}", nfe=args.sample_steps, null=student.tok["null"])
+    s = dict(x=x, c=c, sampler=f"{args.sampler}-{args.sample_steps}", nfe=C.VP().nfe(args.sampler, args.sample_steps),
+             null=student.tok["null"])
     C.save_samples(out, **s)
     m = E.judge(s, clf, *C.load_data(args.dataset, args.data_root, "train"), [f])
     if args.n_nll > 0:

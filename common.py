@@ -325,6 +325,9 @@ def guided(model, c, guidance: float = 1.0, null: int | None = None):
     return eps
 
 
+SAMPLERS = ("ddim", "ddpm", "em")
+
+
 @torch.no_grad()
 def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
            seed: int = 0, batch: int = 1000, progress: bool = True, amp: bool = False) -> torch.Tensor:
@@ -335,7 +338,7 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step.
     amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32). progress: a bar of network
     calls, shown once sampling has taken 3 seconds."""
-    if sampler not in ("ddim", "ddpm", "em"):
+    if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
     was_training = model.training
     model.eval()
@@ -417,8 +420,10 @@ class RunArgs:
     arguments continues from the last one"""
     n_per_class: int = 100
     """samples per class drawn by the method's own sampler for samples.pt and the evaluation"""
+    sampler: str = "ddim"
+    """ddim | ddpm (ancestral at sample_steps strided steps, as DDPMPipeline) | em: the sampler of those samples"""
     sample_steps: int = 50
-    """sampler steps of those samples (DDIM unless the method says otherwise)"""
+    """sampler steps of those samples"""
     n_nll: int = 16
     """held-out images per group (forgotten / kept) whose NLL in bits/dim the run reports"""
     nll_tol: float = 1e-4
@@ -513,6 +518,8 @@ def parse_args(cls, argv=None):
             raise UsageError(f"{flag} {v}: must not be negative")
         if v == 0 and (name in POSITIVE or name.startswith("lr")):
             raise UsageError(f"{flag} 0: must be positive")
+        if name == "sampler" and v not in SAMPLERS:
+            raise UsageError(f"unknown --sampler {v!r}: use {', '.join(SAMPLERS)}")
     return make_args(cls, **given)
 
 
@@ -1015,8 +1022,10 @@ class Args:
     """samples per class in samples.pt / samples.png"""
     n_uncond: int = 0
     """null-token (unconditional) samples added to samples.pt"""
+    sampler: str = "ddim"
+    """ddim | ddpm | em: the sampler of those samples (see sample)"""
     sample_steps: int = 50
-    """DDIM steps of those samples"""
+    """sampler steps of those samples"""
     data_root: str = "data"
     """where torchvision datasets live"""
     device: str = "auto"
@@ -1179,7 +1188,7 @@ def main(args: Args):
     device, t0 = pick_device(args.device), time.time()
     recipe = {k: v for k, v in dataclasses.asdict(args).items()
               if k not in ("dataset", "tag", "drop_classes", "force", "data_root", "device", "n_per_class",
-                           "n_uncond", "sample_steps")}
+                           "n_uncond", "sampler", "sample_steps")}
     path = pretrain(args.dataset, args.tag, device=device, root=args.data_root, force=args.force, drop_classes=drop,
                     **recipe)
     if distributed()[0] != 0:
@@ -1188,10 +1197,12 @@ def main(args: Args):
     print(f"base model: {path} (step {ck['step']}, {n_params(model) / 1e6:.2f}M parameters, "
           f"trained in {ck.get('seconds', 0):.0f}s; this call took {time.time() - t0:.1f}s)")
     c = torch.cat([class_tokens(info.num_classes, args.n_per_class), torch.full((args.n_uncond,), model.tok["null"])])
-    x = sample(model, VP(), c.to(device), "ddim", args.sample_steps, seed=args.seed, amp=args.amp)
-    save_samples(path.parent, x, c, f"ddim-{args.sample_steps}", args.sample_steps, model.tok["null"])
+    x = sample(model, VP(), c.to(device), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
+    save_samples(path.parent, x, c, f"{args.sampler}-{args.sample_steps}", VP().nfe(args.sampler, args.sample_steps),
+                 model.tok["null"])
     save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png", nrow=args.n_per_class)
-    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": args.sample_steps,
+    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": VP().nfe(args.sampler,
+                                                                                              args.sample_steps),
                "step": ck["step"], "dropped": ck.get("dropped", [])}
     (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"samples (one row per class): {path.parent / 'samples.png'}, samples.pt")

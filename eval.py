@@ -432,10 +432,10 @@ def class_nll(model, x_test, y_test, forget, n: int, tol: float, conditional: bo
             "nll_n": n, "nll_tol": tol}
 
 
-def evaluate_model(model, clf, args, forget, sampler: str = "ddim", nll: bool = True, conditional: bool = True):
-    """Sample args.n_per_class images per class from a CondUNet (args: a common.RunArgs), judge them, add the
-    NLL figures and the sampling speed. Returns (metrics, samples dict as in samples.pt)."""
-    dev, info = next(model.parameters()).device, model.info
+def evaluate_model(model, clf, args, forget, sampler: str = "", nll: bool = True, conditional: bool = True):
+    """Sample args.n_per_class images per class from a CondUNet (args: a common.RunArgs) with `sampler` (default
+    args.sampler), judge them, add the NLL figures and the sampling speed. Returns (metrics, samples.pt's dict)."""
+    dev, info, sampler = next(model.parameters()).device, model.info, sampler or args.sampler
     c = C.class_tokens(info.num_classes, args.n_per_class) if conditional else \
         torch.full((args.n_per_class * info.num_classes,), model.tok["null"])
     t0 = time.time()
@@ -451,11 +451,11 @@ def evaluate_model(model, clf, args, forget, sampler: str = "ddim", nll: bool = 
     return m, s
 
 
-def evaluate_base(path, clf, args, forget, sampler: str = "ddim", conditional: bool = True) -> tuple:
+def evaluate_base(path, clf, args, forget, sampler: str = "", conditional: bool = True) -> tuple:
     """evaluate_model for a checkpoint that does not change between runs (the base model): computed once per
     (model file, evaluation settings) and cached next to the checkpoint. Returns (metrics, first 10 samples
     per class for sample grids)."""
-    keys = ("n_per_class", "sample_steps", "n_nll", "nll_tol", "seed", "data_root")
+    keys, sampler = ("n_per_class", "sample_steps", "n_nll", "nll_tol", "seed", "data_root"), sampler or args.sampler
     key = dict(model=C.file_id(path), forget=sorted(forget), sampler=sampler, conditional=conditional, version=2,
                **{k: getattr(args, k) for k in keys})
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -606,6 +606,8 @@ COMPARE_COLS = [  # (metric, header, format)
     ("nll_forget_bpd", "NLL forget (bpd)", "{:.3f}"), ("nll_forget_null_bpd", "NLL forget, null token", "{:.3f}"),
     ("nll_kept_bpd", "NLL kept", "{:.3f}"), ("seconds", "unlearning s", "{:.0f}"), ("nfe", "NFE / image", "{:.0f}"),
     ("params_m", "parameters (M)", "{:.3f}")]
+SAMPLER_COLS = ("forget_rate", "forget_rate_uncond", "retain_acc", "fid_retain", "nfe")   # what the sampler changes
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "ancestral DDPM (strided as DDPMPipeline)", "em": "Euler-Maruyama"}
 
 
 @dataclass
@@ -618,6 +620,10 @@ class CompareArgs:
     """comma-separated seeds; each method and the retrain run once per seed (the base is evaluated once)"""
     budget: str = "full"
     """full (digits: 2-core CPU; 32x32 data: GPU) | ci (one seed, seconds per method: the test suite's size)"""
+    sampler: str = "ddim"
+    """the sampler of every row's samples: ddim | ddpm (SISS's official evaluation: ancestral, strided) | em; not
+    ddim: the same runs with --sampler in the workspace runs/compare-<dataset>[-<budget>]-<sampler>/, a table of
+    the figures the sampler changes (SFD's one-step generator is the same under every sampler)"""
     forget: int = 0
     """the class every method forgets"""
     models: str = ",".join(MODELS)
@@ -654,6 +660,8 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
     """The command line of one row for one seed, and the run folder it writes inside the workspace ws."""
     e, f, ds = b["eval"], a.forget, a.dataset
     common = dict(dataset=ds, seed=seed, device=a.device, data_root=a.data_root, sample_steps=e["sample_steps"])
+    if a.sampler != "ddim" and name != "sfd":    # ddim: every program's default (SISS's budget names it)
+        common["sampler"] = a.sampler
     if name in ("base", "retrain"):
         tag = "" if name == "base" else f"no{f}-s{seed}"
         extra = {} if name == "base" else dict(drop_classes=str(f), tag=tag, **b["retrain"])
@@ -664,8 +672,9 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
     n = dict(n_per_class=e["n_per_class"])   # msgm: unconditional samples, from the workspace's base (its null token)
     if name == "msgm":
         n = dict(n_samples=e["n_uncond"], base=str(ws / C.base_path(ds).relative_to(C.RUNS)))
+    row = {k: v for k, v in b[name].items() if k != "sampler" or "sampler" not in common}
     argv = [f"{name}.py", *flags(dict(common, tag=f"s{seed}", n_nll=e["n_nll"], nll_tol=e["nll_tol"], **n, **forget,
-                                      **b[name]))]
+                                      **row))]
     return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)
 
 
@@ -696,14 +705,22 @@ def _summarise(per_seed: dict) -> dict:
 def _results_md(summary: dict, settings: dict, figure: str = "grid.png") -> str:
     cell = lambda s, f: "n/a" if s is None else \
         f.format(s["mean"]) + (f" ± {f.format(s['std'])}" if s["std"] is not None else "")
-    head = ["model", *[h for _, h, _ in COMPARE_COLS]]
-    rows = [[LABELS[n] + (" †" if n == "msgm" else ""), *[cell(s[k], f) for k, _, f in COMPARE_COLS]]
-            for n, s in summary.items()]
     st, e = settings, settings["eval"]
+    cols = [c for c in COMPARE_COLS if st.get("sampler", "ddim") == "ddim" or c[0] in SAMPLER_COLS]
+    head = ["model", *[h for _, h, _ in cols]]
+    rows = [[LABELS[n] + (" †" if n == "msgm" else ""), *[cell(s[k], f) for k, _, f in cols]]
+            for n, s in summary.items()]
+    table_ = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows]]
+    if st.get("sampler", "ddim") != "ddim":   # the same runs, drawn by another sampler: what it changes
+        return "\n".join([
+            f"The same table with every row's samples drawn by {SAMPLER_NAMES[st['sampler']]}, {e['sample_steps']} "
+            f"steps (SFD: its one-step generator; NLL and time do not depend on the sampler), seeds {st['seeds']}: "
+            f"`{st['command']}`.", "", *table_, "", f"- Commands (seed 0): {st['commands']}.", "",
+            f"![the same grid under {st['sampler']}]({figure})", ""])
     return "\n".join([
         f"Forget class {st['forget']} on {st['dataset']}, budget `{st['budget']}`, seeds {st['seeds']} "
         f"(mean ± std over seeds; the base is one model, evaluated once).", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows], "",
+        *table_, "",
         f"- Every row is judged by the same function on the samples its run drew: {e['n_per_class']} per class "
         f"(DDIM {e['sample_steps']} steps; SFD its one-step generator), the dataset classifier (held-out "
         f"accuracy {st['classifier_test_acc']:.3f}), FID of the kept classes' samples against their real "
@@ -724,10 +741,11 @@ def _results_md(summary: dict, settings: dict, figure: str = "grid.png") -> str:
         f"![one row per model, three samples per class, the forgotten class framed]({figure})", ""])
 
 
-def _markers(path: Path, dataset: str) -> tuple[str, str]:
-    """The text of path around its lines <!-- compare-<dataset>:begin --> and <!-- compare-<dataset>:end -->:
-    (before and begin, end and after); a usage error if they are missing, doubled or out of order."""
-    begin, end = f"<!-- compare-{dataset}:begin -->\n", f"<!-- compare-{dataset}:end -->"
+def _markers(path: Path, name: str) -> tuple[str, str]:
+    """The text of path around its lines <!-- compare-<name>:begin --> and <!-- compare-<name>:end --> (name: the
+    dataset, then -<sampler> if not ddim): (before and begin, end and after); a usage error if they are missing,
+    doubled or out of order."""
+    begin, end = f"<!-- compare-{name}:begin -->\n", f"<!-- compare-{name}:end -->"
     doc = path.read_text() if path.is_file() else ""
     if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
         raise C.UsageError(f"--readme {path}: needs one line {begin.strip()} and, after it, one line {end}")
@@ -781,9 +799,11 @@ def compare(a: CompareArgs) -> dict:
         raise C.UsageError(f"unknown --budget {a.budget!r} for {a.dataset}: use "
                            f"{' or '.join(b for d, b in COMPARE_BUDGETS if d == key[0])}")
     b, dev, models = COMPARE_BUDGETS[key], C.pick_device(a.device), [m for m in MODELS if m in models]
-    ws = C.RUNS / f"compare-{a.dataset}{'' if a.budget == 'full' else '-' + a.budget}"
+    other = "" if a.sampler == "ddim" else "-" + a.sampler
+    ws = C.RUNS / f"compare-{a.dataset}{'' if a.budget == 'full' else '-' + a.budget}{other}"
+    marker = a.dataset + other
     if a.readme:
-        _markers(Path(a.readme), a.dataset)
+        _markers(Path(a.readme), marker)
     t0 = time.time()
 
     # the cached base and classifier (trained first if absent), copied into the workspace
@@ -833,19 +853,20 @@ def compare(a: CompareArgs) -> dict:
     total = lambda k: sum(r[f"run_{k}"] for n in models for r in per_seed[n].values())
     threads = torch.get_num_threads()
     settings = dict(
-        dataset=a.dataset, forget=a.forget, budget=a.budget, seeds=seeds, eval=b["eval"],
+        dataset=a.dataset, forget=a.forget, budget=a.budget, seeds=seeds, eval=b["eval"], sampler=a.sampler,
         retrain_steps=b["retrain"]["steps"], classifier_test_acc=clf.test_acc,
         device=f"{dev} ({threads} thread{'s' * (threads > 1)})", runs_wall_s=total("wall_s"),
         runs_cpu_s=total("cpu_s"), wall_s=time.time() - t0,
         commands="; ".join(f"`{c}`" for c in commands.values()),
         command=f"python eval.py compare --dataset {a.dataset} --seeds {a.seeds} --budget {a.budget}"
-                + (f" --forget {a.forget}" if a.forget else "") + (f" --device {a.device}" if a.device != "auto" else ""))
+                + (f" --sampler {a.sampler}" if other else "") + (f" --forget {a.forget}" if a.forget else "")
+                + (f" --device {a.device}" if a.device != "auto" else ""))
     results = {"settings": settings, "summary": summary, "per_seed": per_seed}
     (ws / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (ws / "results.md").write_text(_results_md(summary, settings))
     if a.readme:   # the same report, its figure linked from where the markdown file lies
         figure = Path(os.path.relpath(ws / "grid.png", Path(a.readme).resolve().parent)).as_posix()
-        head, tail = _markers(Path(a.readme), a.dataset)
+        head, tail = _markers(Path(a.readme), marker)
         Path(a.readme).write_text(head + _results_md(summary, settings, figure) + tail)
     _grid(cells, ws / "grid.png", info.num_classes, 3, a.forget)
     means = {LABELS[n]: {k: (s[k] or {}).get("mean") for k, _, _ in COMPARE_COLS} for n, s in summary.items()}

@@ -26,7 +26,7 @@ start from the base model's EMA weights; the generator is the eps-network evalua
 
 A run writes runs/sfd-<dataset>[-<tag>]/: model.safetensors (the EMA generator, loaded again by --init; also the fake
 score and the raw generator for a second stage), samples.pt (one-step samples, n_per_class per class),
-samples.png, metrics.json. --sample-steps sets the DDIM steps of the base model it is compared with.
+samples.png, metrics.json. --sampler and --sample-steps set the base model's sampler it is compared with.
 """
 from __future__ import annotations
 
@@ -290,7 +290,7 @@ COLS = ("forget_rate", "override_rate", "retain_acc", "fid_retain", "is", "nfe",
 
 def evaluate(args: Args, gen, clf, forget, out) -> dict:
     """samples.pt and samples.png from the generator (nfe 1), judged by E.judge as the comparison judges every
-    run; the base model's figures (DDIM, --sample-steps) from the cached E.evaluate_base. NLL: None for the
+    run; the base model's figures (--sampler, --sample-steps) from the cached E.evaluate_base. NLL: None for the
     generator (one network call from noise to image defines no likelihood)."""
     info, fset, ab, n = gen.info, [] if forget is None else [forget], C.VP().alpha_bar, args.n_per_class
     c = C.class_tokens(info.num_classes, n)
@@ -308,7 +308,7 @@ def evaluate(args: Args, gen, clf, forget, out) -> dict:
         row = None if forget is None else r["confusion"][forget]
         r["override_rate"] = None if row is None else row[args.override] / sum(row)
     print(f"\nclassifier test accuracy {clf.test_acc:.4f}; {n} samples per class")
-    print(E.table({f"base (DDIM {args.sample_steps})": base, "SFD generator (1 step)": m}, COLS[:7]))
+    print(E.table({f"base ({args.sampler} {args.sample_steps})": base, "SFD generator (1 step)": m}, COLS[:7]))
     print(f"sample grid (one row per class{', forget row framed' if fset else ''}): {out / 'samples.png'}")
     return {k: m.get(k) for k in COLS} | {f"base_{k}": base.get(k) for k in COLS} | dict(
         base_seconds=None, speedup=m["images_per_s"] / base["images_per_s"], classifier_test_acc=clf.test_acc)

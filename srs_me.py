@@ -369,12 +369,11 @@ def exactness(base, shifts: dict, erasable, seed: int) -> dict:
 
 
 def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
-    """Sample the base and every step of the scene (DDIM, n per class and n of the watermark trigger, the same
-    seeds) and judge each; samples.pt holds the first step (this run's final model), samples.png all of them."""
+    """Draw n per class and n of the watermark trigger from the base and every step of the scene (same seeds)."""
     info, real, n = base.info, C.load_data(args.dataset, args.data_root, "train"), args.n_per_class
     c = torch.cat([C.class_tokens(info.num_classes, n), torch.full((n,), base.tok["watermark"])])
-    draw = lambda model: C.sample(model, C.VP(), c.to(next(base.parameters()).device), "ddim", args.sample_steps,
-                                  seed=args.seed, amp=args.amp)
+    draw = lambda model: C.sample(model, C.VP(), c.to(next(base.parameters()).device), args.sampler,
+                                  args.sample_steps, seed=args.seed, amp=args.amp)
     xb = draw(base)
     base_m = judge_step(clf, xb, xb, c, info, steps[0][1], steps[0][1], erasable, real)
     results, active, ever, grids = [], set(), set(), [xb]
@@ -385,7 +384,8 @@ def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
         results.append(dict(judge_step(clf, x, xb, c, info, active, ever, erasable, real), step=f"t{i}", op=op,
                             concepts=cs, active=sorted(active)))
         grids.append(x)
-    C.save_samples(out, grids[1], c, f"ddim-{args.sample_steps}", args.sample_steps, base.tok["null"])
+    C.save_samples(out, grids[1], c, f"{args.sampler}-{args.sample_steps}", C.VP().nfe(args.sampler, args.sample_steps),
+                   base.tok["null"])
     # one row per token (classes, then watermark); blocks of 8 samples per model (base, t0, t1, ...)
     cells, per = [g.view(info.num_classes + 1, n, *g.shape[1:])[:, :min(8, n)] for g in grids], min(8, n)
     C.save_grid(torch.cat(cells, 1).flatten(0, 1), out / "samples.png", nrow=per * len(grids),
@@ -438,7 +438,7 @@ def main(args: Args):
     keys = ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd")
     base_eval = E.evaluate_base(base_path, clf, args, first)[0]
     metrics = {k: metrics.get(k) for k in keys} | {f"base_{k}": base_eval.get(k) for k in (*keys, "nfe", "params")} | {
-        "seconds": train["seconds"] + train["data_seconds"], "nfe": args.sample_steps, "params": C.n_params(final),
+        "seconds": train["seconds"] + train["data_seconds"], "nfe": metrics["nfe"], "params": C.n_params(final),
         "base_seconds": None, "shifts_loaded": not trained, "erased_concepts": first,
         **summarise(base_m, results, steps, erasable, info), **exactness(base, shifts, erasable, args.seed),
         "train": train, "compare": compare, "classifier_test_acc": clf.test_acc}

@@ -102,12 +102,25 @@ def test_commands_are_what_a_user_types(tmp_path):
     argv, _ = E.command("msgm", E.CompareArgs(), 0, E.COMPARE_BUDGETS[("digits", "full")], tmp_path)
     assert argv[argv.index("--base") + 1] == str(tmp_path / "base-digits" / "model.safetensors")   # the shared base
     assert "--finetune" in argv and "--no-control" in argv
+    # under another sampler: the same commands plus --sampler, once (SISS's budget names ddim), SFD's unchanged
+    full = E.COMPARE_BUDGETS[("digits", "full")]
+    for name in E.MODELS:
+        ddim, _ = E.command(name, E.CompareArgs(), 0, full, tmp_path)
+        ddpm, _ = E.command(name, E.CompareArgs(sampler="ddpm"), 0, full, tmp_path)
+        if name == "sfd":
+            assert ddpm == ddim and "--sampler" not in ddim
+        else:
+            assert ddpm.count("--sampler") == 1 and ddpm[ddpm.index("--sampler") + 1] == "ddpm"
+            i = ddim.index("--sampler") if "--sampler" in ddim else len(ddim)
+            assert [v for v in ddpm if v not in ("--sampler", "ddpm")] == ddim[:i] + ddim[i + 2:]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
     (["--forget", "10"], "out of range"),
     (["--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits:begin -->"),
+    (["--sampler", "ddpm", "--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits-ddpm:begin -->"),
+    (["--sampler", "heun"], "unknown --sampler 'heun'"),
 ])
 def test_usage_errors_are_one_line_before_any_work(argv, message, runs_dir):
     before = sorted(runs_dir.rglob("*"))

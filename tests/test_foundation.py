@@ -237,6 +237,8 @@ def _entry_point(script: str):
     (["msgm.py", "--steps", "-3"], "--steps -3: must not be negative"),
     (["siss.py", "--lr", "inf"], "--lr inf: must be a finite number"),
     (["common.py", "--lr", "nan"], "--lr nan: must be a finite number"),
+    (["common.py", "--sampler", "heun"], "unknown --sampler 'heun': use ddim, ddpm, em"),
+    (["bilevel_prune.py", "--sampler", "DDPM"], "unknown --sampler 'DDPM'"),
     (["srs_me.py", "--batch-size", "-1"], "must not be negative"),
     (["eval.py", "--n-per-class", "0"], "--n-per-class 0: must be positive"),
     (["eval.py", "--sample-steps", "0"], "--sample-steps 0: must be positive"),
@@ -456,6 +458,19 @@ def test_samples_pt_is_judged_like_the_samples_themselves(digits_base, digits_cl
     assert both["forget_rate_uncond"] == pytest.approx(share)
     uncond = E.judge({"x": x[80:], "c": c[80:], "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real, y_real, [0])
     assert uncond["forget_rate"] == pytest.approx(share) and 0 < uncond["retain_acc"] <= 1
+
+
+def test_the_sampler_flag_reaches_the_samples(digits_base, digits_classifier):
+    """A run's --sampler (common.RunArgs) draws its samples and those of the base it is compared with: ancestral
+    DDPM draws other images than DDIM from the same seeds, and the samples are named after it."""
+    _, model = digits_base
+    runs = {s: E.evaluate_model(model, digits_classifier, C.make_args(C.RunArgs, sampler=s, n_per_class=2,
+                                                                      sample_steps=5), [0], nll=False)[1]
+            for s in ("ddim", "ddpm")}
+    assert runs["ddim"]["sampler"] == "ddim-5" and runs["ddpm"]["sampler"] == "ddpm-5" and runs["ddpm"]["nfe"] == 5
+    assert (runs["ddim"]["x"] - runs["ddpm"]["x"]).abs().max() > 0.1
+    direct = C.sample(model, C.VP(), C.class_tokens(10, 2), "ddpm", 5, seed=0)
+    assert torch.equal(runs["ddpm"]["x"], direct)
 
 
 # ---------------------------------------------------------------------------------------------- plumbing, paper scale
