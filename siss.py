@@ -64,8 +64,8 @@ class Args(C.RunArgs):
     """EraseDiff: eta in lambda = max(eta - <g_x, g_a> / |g_a|^2, 0) (paper MNIST: 1e-3)"""
     superfactor: float = 0.01
     """NegGrad: s in the loss -s |eps_theta(a_t) - eps|^2 (paper MNIST sweep: 0.01)"""
-    p_null: float = 0.1
-    """probability that a pair is null-conditioned: the base's label dropout (0.5 cost 3 points of DDIM retain acc)"""
+    p_null: float = -1.0
+    """probability of null-conditioning a pair; -1: the base's label dropout, --base-p-null (0.5 cost 3 points)"""
     base_p_null: float = 0.1
     """label dropout of the outlier base when it is pretrained (more: the null token draws the outlier more often)"""
     base_recipe: str = ""
@@ -130,7 +130,7 @@ def check_args(args: Args):
          f"--forget-idx must list indices in 0..{n - 1} of the {args.dataset} train split, e.g. 5,17,42"),
         (args.mode == "outlier" and args.dataset not in ("digits", "mnist"),
          f"--forget outlier is defined for digits and mnist; on {args.dataset} give a class (--forget 3)"),
-        (not 0 <= args.lam <= 1, f"--lam {args.lam} must lie in [0, 1] (paper: 0.5)"),
+        (not 0 <= args.lam <= 1 or args.p_null > 1, f"--lam {args.lam}, --p-null {args.p_null}: both in [0, 1]"),
         (not -1 <= args.t_fixed < 1000, "--t-fixed must be -1 (uniform t) or a timestep in 0..999"),
         (args.sampler not in ("ddpm", "ddim") or args.also_sampler not in ("ddpm", "ddim", "none"),
          f"unknown --sampler {args.sampler!r} / --also-sampler {args.also_sampler!r}: use ddpm, ddim (also: none)"),
@@ -277,7 +277,7 @@ def make_batch(x, y, keep, forget, args: Args, tok: dict, gen: torch.Generator, 
     B = args.batch_size
     ix = keep[torch.randint(len(keep), (B,), generator=gen)]
     ia = forget[torch.randint(len(forget), (B,), generator=gen)]
-    drop = torch.rand(B, generator=gen) < args.p_null
+    drop = torch.rand(B, generator=gen) < (args.p_null if args.p_null >= 0 else args.base_p_null)
     cond = lambda c: torch.where(drop & (c != tok["watermark"]), torch.full_like(c, tok["null"]), c)
     t = torch.full((B,), args.t_fixed) if args.t_fixed >= 0 else torch.randint(1000, (B,), generator=gen)
     eps = torch.randn(x[ix].shape, generator=gen)

@@ -160,6 +160,18 @@ def test_loss_functions_copied_alone_give_the_same_results():
         assert all(torch.isfinite(u).all() for u in a), fn.__name__
 
 
+def test_pairs_are_null_conditioned_as_the_base_was_trained():
+    """--p-null -1 (default) takes the outlier base's label dropout (--base-p-null), a number in [0, 1] itself; a
+    null-conditioned pair has both tokens null."""
+    x, y = C.training_set("digits")
+    keep, forget, tok = torch.arange(0, 1400), torch.arange(1400, 1500), C.tokens(C.data_info("digits"))
+    for given, want in [(dict(), 0.1), (dict(base_p_null=0.5), 0.5), (dict(base_p_null=0.5, p_null=0.0), 0.0)]:
+        args = C.make_args(siss.Args, batch_size=4000, **given)
+        _, c_x, _, c_a, _, _ = siss.make_batch(x, y, keep, forget, args, tok, torch.Generator().manual_seed(0), "cpu")
+        share = (c_x == tok["null"]).float().mean().item()
+        assert abs(share - want) < 0.03 and torch.equal(c_x == tok["null"], c_a == tok["null"]), (given, share)
+
+
 @pytest.mark.parametrize("method", siss.METHODS)
 def test_every_method_takes_steps(method, digits_base):
     """Each objective on the real base: finite losses, the clipped total step, and the weights move."""
@@ -375,7 +387,7 @@ def test_usage_errors_are_one_line(capsys):
     """Mistakes a user can make stop before any work with exit status 2 and one line naming the fix."""
     for argv, words in [(["--method", "retrain"], "--method"), (["--forget", "12"], "out of range"),
                         (["--forget-idx", "5,99999"], "--forget-idx"), (["--forget-idx", "5,a"], "--forget-idx"),
-                        (["--dataset", "cifar10"], "outlier"), (["--lam", "1.5"], "--lam"),
+                        (["--dataset", "cifar10"], "outlier"), (["--lam", "1.5"], "--lam"), (["--p-null", "2"], "--p-null 2.0"),
                         (["--forget", "shirt"], "--forget"), (["--forget", "3", "--forget-idx", "5"], "not both"),
                         (["--sampler", "em"], "--sampler"), (["--also-sampler", "em"], "--also-sampler"),
                         (["--scaling-norm", "big"], "--scaling-norm"), (["--n-uncond", "0"], "--n-uncond"),
