@@ -15,7 +15,7 @@ point x and a forget point a share eps and t), weighting the two regression targ
 Default scenario, the paper's MNIST T-shirt experiment in miniature: an 8x8 T-shirt added 80 times (5%) to the
 digits under a spare token is memorised by its base; SISS unlearns the copies (near-copies are counted).
 
-    python siss.py                                   # SISS, the T-shirt copies, digits, CPU (6.5 CPU-minutes)
+    python siss.py                                   # SISS, the T-shirt copies, digits, CPU (about 15 CPU-minutes)
     python siss.py --method neggrad                  # siss | siss-nois | erasediff | naive | neggrad
     python siss.py --forget 3                        # forget every training image of class 3
     python siss.py --forget-idx 5,17,42              # forget three training images
