@@ -1198,12 +1198,11 @@ def main(args: Args):
           f"trained in {ck.get('seconds', 0):.0f}s; this call took {time.time() - t0:.1f}s)")
     c = torch.cat([class_tokens(info.num_classes, args.n_per_class), torch.full((args.n_uncond,), model.tok["null"])])
     x = sample(model, VP(), c.to(device), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
-    save_samples(path.parent, x, c, f"{args.sampler}-{args.sample_steps}", VP().nfe(args.sampler, args.sample_steps),
-                 model.tok["null"])
+    nfe = VP().nfe(args.sampler, args.sample_steps)
+    save_samples(path.parent, x, c, f"{args.sampler}-{args.sample_steps}", nfe, model.tok["null"])
     save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png", nrow=args.n_per_class)
-    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": VP().nfe(args.sampler,
-                                                                                              args.sample_steps),
-               "step": ck["step"], "dropped": ck.get("dropped", [])}
+    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": nfe, "step": ck["step"],
+               "dropped": ck.get("dropped", [])}
     (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"samples (one row per class): {path.parent / 'samples.png'}, samples.pt")
     print(json.dumps(metrics))

@@ -65,7 +65,7 @@ class Args(C.RunArgs):
     superfactor: float = 0.01
     """NegGrad: s in the loss -s |eps_theta(a_t) - eps|^2 (paper MNIST sweep: 0.01)"""
     p_null: float = -1.0
-    """probability of null-conditioning a pair; -1: the base's label dropout, --base-p-null (0.5 cost 3 points)"""
+    """probability of null-conditioning a pair; -1: the base's label dropout, --base-p-null (0.5: DDIM retain -3)"""
     base_p_null: float = 0.1
     """label dropout of the outlier base when it is pretrained (more: the null token draws the outlier more often)"""
     base_recipe: str = ""

@@ -115,6 +115,17 @@ def test_commands_are_what_a_user_types(tmp_path):
             assert [v for v in ddpm if v not in ("--sampler", "ddpm")] == ddim[:i] + ddim[i + 2:]
 
 
+def test_a_second_sampler_reports_the_columns_it_changes():
+    """Under --sampler ddpm the block holds the figures a sampler changes, not the NLLs or seconds of the same runs."""
+    cell = {"mean": 0.5, "std": 0.1, "n": 3}
+    summary = {n: {k: cell for k, _, _ in E.COMPARE_COLS} for n in E.MODELS}
+    md = E._results_md(summary, dict(sampler="ddpm", seeds=[0, 1, 2], eval=dict(sample_steps=50),
+                                     command="python eval.py compare --sampler ddpm"))
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(E.MODELS) and {r.count("|") for r in rows} == {len(E.SAMPLER_COLS) + 2}
+    assert "ancestral DDPM" in md and "`--sampler ddpm`" in md and "NLL" not in rows[0] and "retain acc" in rows[0]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
     (["--forget", "10"], "out of range"),
