@@ -388,9 +388,8 @@ def evaluate(args: Args, out, teacher, student, clf, log: dict, seconds: float, 
     c = C.class_tokens(info.num_classes, args.n_per_class)
     student.eval().requires_grad_(False)
     (xt, ips_t, ipc_t), (x, ips_s, ipc_s) = timed_samples(teacher, args, c), timed_samples(student, args, c)
-    s = dict(x=x, c=c, sampler=f"{args.sampler}-{args.sample_steps}", nfe=C.VP().nfe(args.sampler, args.sample_steps),
-             null=student.tok["null"])
-    C.save_samples(out, **s)
+    s = C.sample_record(x, c, args.sampler, args.sample_steps, student.tok["null"])
+    C.save_samples(out, s)
     m = E.judge(s, clf, *C.load_data(args.dataset, args.data_root, "train"), [f])
     if args.n_nll > 0:
         m.update(E.class_nll(student, *C.load_data(args.dataset, args.data_root, "test"), [f], args.n_nll, args.nll_tol))

@@ -960,12 +960,15 @@ def start_run(method: str, args) -> Path:
     return out
 
 
-def save_samples(folder, x: torch.Tensor, c: torch.Tensor, sampler: str, nfe: int, null: int):
-    """samples.pt, the one thing the comparison needs besides metrics.json: images in [-1, 1], the token each
-    was drawn for (a class, or `null` for an unconditional sample), the sampler's name and its network
-    evaluations per image."""
-    atomic_save({"x": x.detach().float().cpu(), "c": c.detach().long().cpu(), "sampler": sampler,
-                 "nfe": nfe, "null": null}, Path(folder) / "samples.pt")
+def sample_record(x: torch.Tensor, c: torch.Tensor, sampler: str, steps: int, null: int) -> dict:
+    """What samples.pt holds: images in [-1, 1], the token each was drawn for (a class, or `null` for an
+    unconditional sample), the sampler's name with its steps ("ddim-50") and its network evaluations per image."""
+    return {"x": x, "c": c, "sampler": f"{sampler}-{steps}", "nfe": VP().nfe(sampler, steps), "null": null}
+
+
+def save_samples(folder, s: dict):
+    """samples.pt (a sample_record), the one thing the comparison needs besides metrics.json."""
+    atomic_save(dict(s, x=s["x"].detach().float().cpu(), c=s["c"].detach().long().cpu()), Path(folder) / "samples.pt")
 
 
 def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(), highlight_cols=()):
@@ -1198,10 +1201,10 @@ def main(args: Args):
           f"trained in {ck.get('seconds', 0):.0f}s; this call took {time.time() - t0:.1f}s)")
     c = torch.cat([class_tokens(info.num_classes, args.n_per_class), torch.full((args.n_uncond,), model.tok["null"])])
     x = sample(model, VP(), c.to(device), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
-    nfe = VP().nfe(args.sampler, args.sample_steps)
-    save_samples(path.parent, x, c, f"{args.sampler}-{args.sample_steps}", nfe, model.tok["null"])
+    s = sample_record(x, c, args.sampler, args.sample_steps, model.tok["null"])
+    save_samples(path.parent, s)
     save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png", nrow=args.n_per_class)
-    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": nfe, "step": ck["step"],
+    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": s["nfe"], "step": ck["step"],
                "dropped": ck.get("dropped", [])}
     (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"samples (one row per class): {path.parent / 'samples.png'}, samples.pt")

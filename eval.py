@@ -441,8 +441,7 @@ def evaluate_model(model, clf, args, forget, sampler: str = "", nll: bool = True
     t0 = time.time()
     x = C.sample(model, C.VP(), c.to(dev), sampler, args.sample_steps, seed=args.seed, amp=args.amp)
     secs = time.time() - t0
-    s = {"x": x, "c": c, "sampler": f"{sampler}-{args.sample_steps}", "nfe": C.VP().nfe(sampler, args.sample_steps),
-         "null": model.tok["null"]}
+    s = C.sample_record(x, c, sampler, args.sample_steps, model.tok["null"])
     m = judge(s, clf, *C.load_data(info.name, args.data_root, "train"), forget)
     m.update(images_per_s=len(x) / secs, params=C.n_params(model))
     if nll and args.n_nll > 0:

@@ -263,8 +263,7 @@ def evaluate(model, clf, args: Args, forget, data) -> tuple:
     dev, null = next(model.parameters()).device, model.tok["null"]
     c = torch.full((args.n_samples,), null)
     x = C.sample(model, C.VP(), c.to(dev), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
-    s = dict(x=x, c=c, sampler=f"{args.sampler}-{args.sample_steps}", nfe=C.VP().nfe(args.sampler, args.sample_steps),
-             null=null)
+    s = C.sample_record(x, c, args.sampler, args.sample_steps, null)
     m = E.judge(s, clf, x_tr, y_tr, forget)
     m["forget_rate_lo"], m["forget_rate_hi"] = wilson(m["forget_rate"], len(x))
     m.update(E.class_nll(model, xt, yt, forget, args.n_nll, args.nll_tol, conditional=False), params=C.n_params(model))
@@ -355,7 +354,7 @@ def main(args: Args):
     name += " (fine-tuned)" if args.finetune else ""
     m, s = evaluate(model, clf, args, forget, data)
     rows[name] = dict(m, seconds=seconds)
-    C.save_samples(out, s["x"], s["c"], s["sampler"], s["nfe"], s["null"])
+    C.save_samples(out, s)
     C.save_grid(torch.cat([*grid.values(), s["x"][:32]]), out / "samples.png", nrow=16)
     print(f"\n{args.n_samples} unconditional samples per model ({s['sampler']}); share of undesirable classes with its "
           f"95% interval; NLL in bits/dim of held-out images; samples.png: 2 rows per model in table order")

@@ -297,11 +297,11 @@ def evaluate(args: Args, gen, clf, forget, out) -> dict:
     t1 = time.time()
     x = sample_generator(gen, c, args.t_init, ab, seed=args.seed)
     secs = time.time() - t1
-    C.save_samples(out, x, c, "sfd-1step", 1, gen.tok["null"])
+    s = dict(x=x, c=c, sampler="sfd-1step", nfe=1, null=gen.tok["null"])   # a C.sample_record of the generator
+    C.save_samples(out, s)
     C.save_grid(x.view(info.num_classes, n, *x.shape[1:])[:, :10].flatten(0, 1), out / "samples.png",
                 nrow=min(10, n), highlight_rows=fset)
-    m = E.judge(dict(x=x, c=c, sampler="sfd-1step", nfe=1, null=gen.tok["null"]), clf,
-                *C.load_data(args.dataset, args.data_root, "train"), fset)
+    m = E.judge(s, clf, *C.load_data(args.dataset, args.data_root, "train"), fset)
     m |= dict(params=C.n_params(gen), images_per_s=len(x) / secs)
     base, _ = E.evaluate_base(args.base or C.base_path(args.dataset), clf, args, fset)
     for r in (m, base):   # the share of the samples asked for the forget class classified as the override class

@@ -426,7 +426,7 @@ def main(args: Args):
     C.save_checkpoint(out / "model.safetensors", model, log["steps_run"], args=asdict(args))
 
     res_m, res_s = evaluate(model, clf, ctx, args)
-    C.save_samples(out, res_s["x"], res_s["c"], res_s["sampler"], res_s["nfe"], res_s["null"])
+    C.save_samples(out, res_s)
     order = ctx["tokens"].tolist() + [res_s["null"]]         # samples.png: rows base / result, forget tokens red
     order += [c for c in range(base.info.num_classes) if c not in order]
     rows = [s["x"][s["c"] == c] for c in order for s in (base_s, res_s)]

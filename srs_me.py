@@ -13,8 +13,8 @@ prompts (null, watermark trigger, the other erasable concepts):
 
 Protected prompts keep their keys and values under any sum of shifts: erasing S is theta + sum_{k in S} dW_k,
 restoring j drops dW_j exactly, the watermark survives every combination, the shifts train one at a time
-(optimisation decoupling); regular concepts (never protected) are kept only approximately. The run folder keeps
-the shifts (shifts/) and model.safetensors, read back by `load_model(path, device)`: base + the erased shifts.
+(optimisation decoupling); regular concepts (unprotected) are kept only approximately. `load_model(run folder)`
+reads back base + the erased shifts (shifts/ and model.safetensors).
 
     python srs_me.py                              # Scene 1 on digits: erase 0-5, restore 0,1, then 2 (CPU)
     python srs_me.py --erase 3                    # erase one concept (the other erasable ones stay protected)
@@ -47,6 +47,8 @@ class Args(C.RunArgs):
     """concepts that get a shift; each is protected in every other's null space (the paper's c0-c5)"""
     scene: str = "1"
     """1-4 (the paper's Fig. 7) or steps like 'erase 0,1; restore 0'"""
+    protect: str = ""
+    """regular concepts to keep exact too, in every null space (official --em_indexes; the paper protects none)"""
     erase: str = ""
     """instead of a scene: evaluate base + the sum of these concepts' shifts (e.g. 0,2,4)"""
     restore: str = ""
@@ -86,17 +88,16 @@ class Args(C.RunArgs):
 # ----------------------------------------------------------------------------------------------------------
 
 def null_space_basis(e_m: torch.Tensor, max_base: int, e_k=None) -> torch.Tensor:
-    """Rows B [n_b, d] with e_m B^T = 0 (Eqs. 25-26), at most max_base, orthonormal (SVD). Given concept k's own
-    embedding e_k, row 0 is its projection into the null space, the rest orthogonal to it: L_cor's gradient on P
-    is then in column 0 alone and Adam's per-coordinate steps move dW along e_k only (in another basis they spread
-    dW over all null directions, moving regular concepts without erasing k). The official SRSME_Solution.py keeps
-    sympy's RREF basis, normalised, not orthogonalised: the same span, so the same exactness."""
+    """Rows B [n_b, d] with e_m B^T = 0 (Eqs. 25-26), at most max_base, orthonormal (SVD). Given concept k's
+    embedding e_k, row 0 is its projection into the null space, the rest orthogonal to it: L_cor's gradient on P is
+    then in column 0 alone, Adam moves dW along e_k only (in another basis it spreads dW over all null directions,
+    moving regular concepts without erasing k). Official SRSME_Solution.py: sympy's RREF basis, same span."""
     e = e_m.detach().double().cpu()
     _, s, vh = torch.linalg.svd(e, full_matrices=True)
     rank = int((s > s.max() * max(e.shape) * torch.finfo(torch.float64).eps).sum())
     if rank >= e.shape[1]:
         raise ValueError(f"the {len(e)} protected embeddings span all {e.shape[1]} dimensions: protect fewer "
-                         f"concepts (--erasable)")
+                         f"concepts (--erasable, --protect)")
     B = vh[rank:]
     if e_k is not None:   # QR of [B e_k | I]: Q's first column is B e_k / |B e_k|
         u = B @ e_k.detach().double().cpu()
@@ -126,15 +127,13 @@ def relative_correlation(r_new: torch.Tensor, r_orig: torch.Tensor) -> torch.Ten
 
 
 def stratified_t(n_groups: int, n: int, T: int, device) -> torch.Tensor:
-    """One t in each of n equal slices of {0..T-1}, per group of n images: the official code's j, t draw
-    (t ~ U{0..T-1}) with the slices covered evenly in every batch instead of by chance."""
+    """Per group of n images, one t in each of n equal slices of {0..T-1} (official SRS_ME.py: t ~ U{0..T-1})."""
     u = torch.arange(n_groups * n, device=device) % n + torch.rand(n_groups * n, device=device)
     return (u * T / n).long()
 
 
 def l1_size(deltas: dict) -> torch.Tensor:
-    """||dtheta||_p = ||dtheta||_1 / M over the M shifted matrices (paper's s3; official SRS_ME.py: the L1 of
-    the actual shift P beta B, not of P)."""
+    """||dtheta||_p = ||dtheta||_1 / M over the M shifted matrices (paper's s3; official SRS_ME.py: of P beta B)."""
     return sum(d.abs().sum() for d in deltas.values()) / len(deltas)
 
 
@@ -172,10 +171,10 @@ def kv_weights(model) -> dict:
     return {f"{name}.weight": lin.weight for name, lin in layers.items()}
 
 
-def protected_tokens(model, k: int, erasable) -> list:
+def protected_tokens(model, k: int, kept) -> list:
     """e_m of Eq. 24 for concept k: BOS (in every context), null, the watermark trigger, the other erasable
-    concepts. Never k itself, never the regular concepts."""
-    return [model.tok["bos"], model.tok["null"], model.tok["watermark"]] + [j for j in erasable if j != k]
+    concepts (and the regular ones of --protect) in `kept`. Never k itself."""
+    return [model.tok["bos"], model.tok["null"], model.tok["watermark"]] + [j for j in kept if j != k]
 
 
 def combine(model, shifts: dict, concepts) -> torch.nn.Module:
@@ -197,12 +196,12 @@ def load_model(path, device="cpu", concepts=None) -> torch.nn.Module:
                    ck["erased"] if concepts is None else concepts)
 
 
-def train_shifts(base, concepts, erasable, data: dict, args: Args, desc: str = "") -> tuple:
+def train_shifts(base, concepts, kept, data: dict, args: Args, desc: str = "") -> tuple:
     """Train dtheta_k for the concepts together (SRS-ME-dagger, Eq. 34); one concept = SRS-ME.
     Returns ({k: {layer: dW}}, stats). `base` stays frozen; shifts enter through functional_call."""
     dev, vp, null, emb = next(base.parameters()).device, C.VP(), base.tok["null"], base.token_emb.weight.detach()
     W = {n: w.detach() for n, w in kv_weights(base).items()}
-    B = {k: null_space_basis(emb[protected_tokens(base, k, erasable)], args.max_base, emb[k]).to(dev) for k in concepts}
+    B = {k: null_space_basis(emb[protected_tokens(base, k, kept)], args.max_base, emb[k]).to(dev) for k in concepts}
     P = {k: {n: torch.zeros(w.shape[0], len(B[k]), device=dev, requires_grad=True) for n, w in W.items()}
          for k in concepts}                                          # zero init (paper's s2): starts at theta
     opt = {k: torch.optim.Adam(P[k].values(), lr=args.lr) for k in concepts}   # one per concept and its own stop
@@ -268,7 +267,7 @@ def merge(stats: list) -> dict:
             | {q: max(s[q] for s in stats) for q in ("train_mem_mb", "cuda_peak_mb") if q in stats[0]})
 
 
-def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tuple:
+def get_shifts(base, base_id: str, concepts, kept, args: Args, folder) -> tuple:
     """(shifts, stats, compare, trained): each shift read from folder/concept_k.safetensors while base, k's
     protected tokens and settings match (C.cached), else trained one at a time (SRS-ME, Q7) or jointly."""
     dev, data, trained = next(base.parameters()).device, {}, []
@@ -279,7 +278,7 @@ def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tu
             data[k] = C.sample(base, C.VP(), torch.full((args.n_train_images,), k, device=dev), "ddim",
                                args.sample_steps, seed=1000 * (args.seed + 1) + k, amp=args.amp)
         C.seed_everything(1000 * args.seed + group[0])
-        s, st = train_shifts(base, group, erasable, data, args, desc)
+        s, st = train_shifts(base, group, kept, data, args, desc)
         trained.extend(group)
         for k in group:
             print(f"  {desc}: concept {k}, {st['steps'][k]} steps, L_cor {st['first_loss'][k]:.2e} -> "
@@ -290,7 +289,7 @@ def get_shifts(base, base_id: str, concepts, erasable, args: Args, folder) -> tu
     hp = {h: getattr(args, h) for h in ("scale_factor lr tau alpha reg_share min_steps max_steps max_base batch_size "
                                         "n_train_images zero_grad sample_steps seed").split()}
     got = [C.cached(folder / f"{'joint' if len(g) > 1 else 'concept'}_{''.join(map(str, g))}.safetensors",
-                    dict(base=base_id, concepts=g, protected=[protected_tokens(base, k, erasable) for k in g], hp=hp),
+                    dict(base=base_id, concepts=g, protected=[protected_tokens(base, k, kept) for k in g], hp=hp),
                     lambda g=g: train(g, "joint" if args.joint else "one at a time"))
            for g in ([list(concepts)] if args.joint else [[k] for k in concepts])]
     shifts, stats = {k: v for r in got for k, v in r["shifts"].items()}, merge([r["stats"] for r in got])
@@ -354,11 +353,11 @@ def judge_step(clf, x, xb, c, info, active, ever, erasable, real) -> dict:
 
 
 @torch.no_grad()
-def exactness(base, shifts: dict, erasable, seed: int) -> dict:
+def exactness(base, shifts: dict, kept, seed: int) -> dict:
     """Every subset S of the shifts: max |eps_{theta+sum_S}(x_t, t, c) - eps_theta(x_t, t, c)| over the
-    protected c (null, BOS, watermark, erasable j not in S) at 8 random (x_t, t) per token, one batch."""
+    protected c (null, BOS, watermark, kept j not in S) at 8 random (x_t, t) per token, one batch."""
     g, dev, info, ks = torch.Generator().manual_seed(seed), next(base.parameters()).device, base.info, sorted(shifts)
-    toks = torch.tensor([base.tok["null"], base.tok["bos"], base.tok["watermark"], *erasable]).repeat_interleave(8)
+    toks = torch.tensor([base.tok["null"], base.tok["bos"], base.tok["watermark"], *kept]).repeat_interleave(8)
     x = torch.randn(len(toks), info.channels, info.size, info.size, generator=g).to(dev)
     t, toks = torch.randint(0, C.VP().T, (len(toks),), generator=g).to(dev), toks.to(dev)
     ref, W, worst = base(x, t, toks), {n: w.detach() for n, w in kv_weights(base).items()}, 0.0
@@ -369,7 +368,8 @@ def exactness(base, shifts: dict, erasable, seed: int) -> dict:
 
 
 def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
-    """Draw n per class and n of the watermark trigger from the base and every step of the scene (same seeds)."""
+    """Draw n per class and n of the watermark trigger from the base and every step of the scene (same seeds);
+    samples.pt holds the first step, samples.png every model."""
     info, real, n = base.info, C.load_data(args.dataset, args.data_root, "train"), args.n_per_class
     c = torch.cat([C.class_tokens(info.num_classes, n), torch.full((n,), base.tok["watermark"])])
     draw = lambda model: C.sample(model, C.VP(), c.to(next(base.parameters()).device), args.sampler,
@@ -384,8 +384,7 @@ def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
         results.append(dict(judge_step(clf, x, xb, c, info, active, ever, erasable, real), step=f"t{i}", op=op,
                             concepts=cs, active=sorted(active)))
         grids.append(x)
-    C.save_samples(out, grids[1], c, f"{args.sampler}-{args.sample_steps}", C.VP().nfe(args.sampler, args.sample_steps),
-                   base.tok["null"])
+    C.save_samples(out, C.sample_record(grids[1], c, args.sampler, args.sample_steps, base.tok["null"]))
     # one row per token (classes, then watermark); blocks of 8 samples per model (base, t0, t1, ...)
     cells, per = [g.view(info.num_classes + 1, n, *g.shape[1:])[:, :min(8, n)] for g in grids], min(8, n)
     C.save_grid(torch.cat(cells, 1).flatten(0, 1), out / "samples.png", nrow=per * len(grids),
@@ -417,6 +416,7 @@ def summarise(base_m, results, steps, erasable, info) -> dict:
 def main(args: Args):
     info = C.data_info(args.dataset)
     erasable, steps = parse_steps(args, info)
+    kept = erasable + [k for k in C.parse_classes(args.protect, info, "protected class") if k not in erasable]
     out, dev = C.start_run("srs_me", args), C.pick_device(args.device)
     C.seed_everything(args.seed)
     base, base_path = C.base_model(args, dev)
@@ -424,7 +424,7 @@ def main(args: Args):
     needed, first = sorted({k for op, cs in steps if op == "erase" for k in cs}), sorted(steps[0][1])
 
     # ---- the shifts: saved ones that fit, the rest trained (one at a time unless --joint)
-    shifts, train, compare, trained = get_shifts(base, C.file_id(base_path), needed, erasable, args, out / "shifts")
+    shifts, train, compare, trained = get_shifts(base, C.file_id(base_path), needed, kept, args, out / "shifts")
     C.atomic_save({"base": str(base_path), "base_id": C.file_id(base_path), "dataset": args.dataset,
                    "erased": first, "erasable": erasable, "shifts": shifts}, out / "model.safetensors")
 
@@ -440,7 +440,7 @@ def main(args: Args):
     metrics = {k: metrics.get(k) for k in keys} | {f"base_{k}": base_eval.get(k) for k in (*keys, "nfe", "params")} | {
         "seconds": train["seconds"] + train["data_seconds"], "nfe": metrics["nfe"], "params": C.n_params(final),
         "base_seconds": None, "shifts_loaded": not trained, "erased_concepts": first,
-        **summarise(base_m, results, steps, erasable, info), **exactness(base, shifts, erasable, args.seed),
+        **summarise(base_m, results, steps, erasable, info), **exactness(base, shifts, kept, args.seed),
         "train": train, "compare": compare, "classifier_test_acc": clf.test_acc}
     E.report(metrics, out / "metrics.json")
     return metrics

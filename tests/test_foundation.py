@@ -394,9 +394,9 @@ def test_32px_models_build_and_run_a_training_step():
 
 def test_pretrain_caches_and_samples(tmp_path):
     path = tmp_path / "model.safetensors"
-    C.pretrain("digits", steps=200, out=path)
+    C.pretrain("digits", steps=20, out=path)
     ck = C.load(path)
-    assert ck["done"] and ck["step"] == 200 and "train" not in ck
+    assert ck["done"] and ck["step"] == 20 and "train" not in ck
     model = C.load_checkpoint(path, "digits")[0]
     for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 0)):
         x = C.sample(model, C.VP(), torch.tensor([0, 1, model.tok["null"]]), sampler, steps, guidance=2.0)

@@ -1,8 +1,8 @@
 """srs_me.py: the null-space basis (and its rotation onto the concept), exact invariance of every protected token
-under every subset of shifts, exact restoration, optimisation decoupling, the momentum stopping rule, the loss
-functions copied alone, the regulariser's weight set from its gradient share, a short erase on the CI base that
-lowers the concept's accuracy, and the command line (scene, the run folder's files, saved shifts combined at load
-time, bad input)."""
+under every subset of shifts (regular ones too when named by --protect), exact restoration, optimisation
+decoupling, the momentum stopping rule, the loss functions copied alone, the regulariser's weight set from its
+gradient share, a short erase on the CI base that lowers the concept's accuracy, and the command line (scene, the
+run folder's files, saved shifts combined at load time, bad input)."""
 import itertools
 import json
 
@@ -18,13 +18,13 @@ import srs_me as S
 ERASABLE = [0, 1, 2, 3, 4, 5]
 
 
-def _random_shifts(model, beta=1.0, seed=0):
+def _random_shifts(model, beta=1.0, seed=0, kept=ERASABLE):
     """Large random shifts (||dW|| comparable to ||W||) built the method's way: P (beta B_k)."""
     g = torch.Generator().manual_seed(seed)
     emb = model.token_emb.weight.detach()
     out = {}
     for k in ERASABLE:
-        B = S.null_space_basis(emb[S.protected_tokens(model, k, ERASABLE)], 64)
+        B = S.null_space_basis(emb[S.protected_tokens(model, k, kept)], 64)
         out[k] = {n: S.shift(torch.randn(w.shape[0], len(B), generator=g) * w.abs().mean() * 8, B, beta)
                   for n, w in S.kv_weights(model).items()}
     return out
@@ -88,6 +88,18 @@ def test_protected_tokens_are_exact_under_every_subset_and_restoring_is_exact(di
     assert (C.sample(S.combine(model, shifts, ERASABLE), C.VP(), c2, steps=10, seed=3) - base2).abs().max() > 0.1
     restored = S.combine(model, shifts, [0, 1, 3, 4, 5])
     assert (C.sample(restored, C.VP(), c2, steps=10, seed=3) - base2).abs().max() < 1e-5
+
+
+def test_protect_keeps_the_named_regular_concepts_exact(digits_base):
+    """--protect puts regular concepts into every e_m: exact under all six shifts, which move them otherwise."""
+    _, model = digits_base
+    cs = torch.arange(6, 10).repeat_interleave(3)
+    x, t = _inputs(model, len(cs))
+    ref = model(x, t, cs)
+    for kept, exact in ((ERASABLE, False), (ERASABLE + [6, 7, 8, 9], True)):
+        assert S.protected_tokens(model, 0, kept)[-1] == kept[-1] and 0 not in S.protected_tokens(model, 0, kept)
+        d = (S.combine(model, _random_shifts(model, kept=kept), ERASABLE)(x, t, cs) - ref).abs().max().item()
+        assert d < 1e-5 if exact else d > 1e-3, (kept, d)
 
 
 def test_optimisation_decoupling_other_shifts_get_no_gradient(digits_base):
@@ -207,7 +219,8 @@ def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier
 
 def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir):
     small = ["--tag", "ci", "--n-per-class", "6", "--sample-steps", "8", "--n-train-images", "16",
-             "--max-steps", "15", "--batch-size", "8", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3"]
+             "--max-steps", "15", "--batch-size", "8", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3",
+             "--protect", "6"]
     r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -218,6 +231,7 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
     assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
     assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
+    assert m["scene"][0]["max_abs_diff"][6] < 1e-4 < m["scene"][0]["max_abs_diff"][7]   # --protect 6: exact
     for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd",
               "nll_kept_bpd", "nll_forget_null_bpd", "base_forget_rate", "base_retain_acc", "base_fid_retain",
               "base_nll_forget_bpd"):
