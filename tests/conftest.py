@@ -48,6 +48,19 @@ def run_script(*argv, timeout=900):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def run_here(module, argv, capsys, entry=("main", "Args")):
+    """What `python <module>.py argv` does after start-up, run in this process: returncode and stderr as
+    run_script gives them. For the many one-line-error cases; one case per script still goes through run_script,
+    where anything the start-up prints would show too."""
+    import types
+    try:
+        C.cli(getattr(module, entry[0]), getattr(module, entry[1]), list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return types.SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
 def isolated(functions) -> dict:
     """Compile the source of each function (in order) in a namespace that holds only torch and math, as a user
     who copies a method's loss functions into their own project would: {name: the re-created function}."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import isolated, run_script
+from conftest import isolated, run_here, run_script
 
 import bilevel_prune as B
 import common as C
@@ -203,11 +203,11 @@ def test_short_bilevel_run_suppresses_the_class_distillation_alone_does_not(digi
     assert torch.equal(loaded(x, t, c), s(x, t, c)) and C.n_params(loaded) == res["params_student"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--keep", "0.1"], "out of reach"),
-    (["--schedule", "three-stage"], "unknown --schedule"),
-    (["--forget", "11"], "out of range"),
+@pytest.mark.parametrize("argv, message, as_process", [
+    (["--keep", "0.1"], "out of reach", False),
+    (["--schedule", "three-stage"], "unknown --schedule", False),
+    (["--forget", "11"], "out of range", True),
 ])
-def test_bad_input_is_one_line_error(argv, message, digits_base):
-    r = run_script("bilevel_prune.py", *argv)
+def test_bad_input_is_one_line_error(argv, message, as_process, digits_base, capsys):
+    r = run_script("bilevel_prune.py", *argv) if as_process else run_here(B, argv, capsys)
     assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0

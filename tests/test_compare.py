@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_here, run_script
 from PIL import Image
 
 import common as C
@@ -126,16 +126,16 @@ def test_a_second_sampler_reports_the_columns_it_changes():
     assert "ancestral DDPM" in md and "`--sampler ddpm`" in md and "NLL" not in rows[0] and "retain acc" in rows[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--bogus", "1"], "unrecognized arguments: --bogus"),
-    (["--forget", "10"], "out of range"),
-    (["--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits:begin -->"),
-    (["--sampler", "ddpm", "--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits-ddpm:begin -->"),
-    (["--sampler", "heun"], "unknown --sampler 'heun'"),
+@pytest.mark.parametrize("argv, message, as_process", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus", True),
+    (["--forget", "10"], "out of range", False),
+    (["--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits:begin -->", False),
+    (["--sampler", "ddpm", "--readme", "LICENSE-none.md"], "needs one line <!-- compare-digits-ddpm:begin -->", False),
+    (["--sampler", "heun"], "unknown --sampler 'heun'", False),
 ])
-def test_usage_errors_are_one_line_before_any_work(argv, message, runs_dir):
+def test_usage_errors_are_one_line_before_any_work(argv, message, as_process, runs_dir, capsys):
     before = sorted(runs_dir.rglob("*"))
-    r = run_script("eval.py", "compare", *argv)
+    r = run_script("eval.py", "compare", *argv) if as_process else run_here(E, argv, capsys, ("compare", "CompareArgs"))
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0
     assert sorted(runs_dir.rglob("*")) == before

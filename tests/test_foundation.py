@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_here, run_script
 
 import common as C
 import eval as E
@@ -211,14 +211,14 @@ def test_missing_torchvision_dataset_says_where_to_put_it(tmp_path, monkeypatch)
         C.load_data("mnist", str(tmp_path))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["common.py", "--dataset", "svhn"], "unknown dataset"),
-    (["eval.py", "--forget", "12"], "out of range"),
-    (["eval.py", "--ckpt", "nowhere.pt"], "no checkpoint"),
+@pytest.mark.parametrize("argv, message, as_process", [
+    (["common.py", "--dataset", "svhn"], "unknown dataset", True),
+    (["eval.py", "--forget", "12"], "out of range", False),
+    (["eval.py", "--ckpt", "nowhere.pt"], "no checkpoint", False),
 ])
-def test_bad_input_is_one_line_error(argv, message, runs_dir):
+def test_bad_input_is_one_line_error(argv, message, as_process, runs_dir, capsys):
     before = sorted(p for p in runs_dir.rglob("*"))
-    r = run_script(*argv)
+    r = run_script(*argv) if as_process else run_here(E, argv[1:], capsys)
     assert r.returncode == 2 and message in r.stderr
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
     assert sorted(p for p in runs_dir.rglob("*")) == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import isolated, run_script
+from conftest import isolated, run_here, run_script
 
 import common as C
 import msgm as M
@@ -248,14 +248,14 @@ def test_from_scratch_experiment_shares_its_cached_references(digits_classifier,
     assert [p.stat().st_mtime_ns for p in cache] == stamps     # read, not retrained
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--task", "erase"], "unknown --task"),
-    (["--forget", "0,1,2,3,4,5,6,7,8,9"], "no kept class"),
-    (["--forget", "12"], "out of range"),
+@pytest.mark.parametrize("argv, message, as_process", [
+    (["--task", "erase"], "unknown --task", True),
+    (["--forget", "0,1,2,3,4,5,6,7,8,9"], "no kept class", False),
+    (["--forget", "12"], "out of range", False),
 ])
-def test_bad_input_is_one_line_error_before_any_work(argv, message, runs_dir):
+def test_bad_input_is_one_line_error_before_any_work(argv, message, as_process, runs_dir, capsys):
     before = sorted(runs_dir.glob("msgm-*")) + sorted(runs_dir.glob("msgm-*/**/*"))
-    r = run_script("msgm.py", *argv)
+    r = run_script("msgm.py", *argv) if as_process else run_here(M, argv, capsys)
     assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0
     assert sorted(runs_dir.glob("msgm-*")) + sorted(runs_dir.glob("msgm-*/**/*")) == before
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import isolated, run_script
+from conftest import isolated, run_here, run_script
 
 import common as C
 import sfd
@@ -185,16 +185,16 @@ def test_forget_term_routes_override_label_to_teacher_and_forget_label_to_fake(d
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--forget", "12"], "out of range"),
-    (["--override", "0"], "equals --forget"),
-    (["--iters", "0"], "needs --init"),
-    (["--init", "BASE"], "not an sfd.py run"),
+@pytest.mark.parametrize("argv, message, as_process", [
+    (["--forget", "12"], "out of range", True),
+    (["--override", "0"], "equals --forget", False),
+    (["--iters", "0"], "needs --init", False),
+    (["--init", "BASE"], "not an sfd.py run", False),
 ])
-def test_bad_input_is_one_line_error(argv, message, digits_base, runs_dir):
+def test_bad_input_is_one_line_error(argv, message, as_process, digits_base, runs_dir, capsys):
     argv = [str(digits_base[0]) if a == "BASE" else a for a in argv]
     before = sorted(runs_dir.rglob("*"))
-    r = run_script("sfd.py", *argv)
+    r = run_script("sfd.py", *argv) if as_process else run_here(sfd, argv, capsys)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0
     assert sorted(runs_dir.rglob("*")) == before
