@@ -53,6 +53,7 @@ def run_here(module, argv, capsys, entry=("main", "Args")):
     run_script gives them. For the many one-line-error cases; one case per script still goes through run_script,
     where anything the start-up prints would show too."""
     import types
+    capsys.readouterr()   # only what this call writes
     try:
         C.cli(getattr(module, entry[0]), getattr(module, entry[1]), list(argv))
         code = 0

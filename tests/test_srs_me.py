@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import isolated, run_script
+from conftest import isolated, run_here, run_script
 
 import common as C
 import eval as E
@@ -217,7 +217,7 @@ def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier
     assert (xe[c == 1] - xb[c == 1]).abs().max() < 1e-5        # a protected concept is untouched
 
 
-def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir):
+def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir, capsys):
     small = ["--tag", "ci", "--n-per-class", "6", "--sample-steps", "8", "--n-train-images", "16",
              "--max-steps", "15", "--batch-size", "8", "--erasable", "0,1,2", "--n-nll", "2", "--nll-tol", "1e-3",
              "--protect", "6"]
@@ -254,6 +254,6 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     assert m2["shifts_loaded"] is True and m2["scene"][0]["active"] == [0] and m2["erased_concepts"] == [0]
     assert m2["scene"][0]["untouched_max_abs_diff"] < 1e-4     # 1 and 2 are protected from shift 0
     assert m2["seconds"] > 0 and json.loads((out / "metrics.json").read_text())["erased_concepts"] == [0]
-    r = run_script("srs_me.py", *small, "--erase", "7")
+    r = run_here(S, [*small, "--erase", "7"], capsys)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "erasable" in r.stderr
     assert r.stderr.strip().count("\n") == 0
