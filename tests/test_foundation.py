@@ -65,6 +65,9 @@ def test_strided_ancestral_sampler_matches_diffusers_pipeline_steps():
             return 0.3 * x
     x = C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 50)
     assert seen == ref.timesteps.tolist() and x.shape == (2, 1, 8, 8)
+    seen.clear()
+    C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 0)        # steps 0: the whole chain, t = 999 ... 0
+    assert seen == list(range(999, -1, -1))
     g = torch.Generator().manual_seed(3)
     x_t, eps = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
     for t in (980, 500, 20, 0):
@@ -398,7 +401,7 @@ def test_pretrain_caches_and_samples(tmp_path):
     ck = C.load(path)
     assert ck["done"] and ck["step"] == 20 and "train" not in ck
     model = C.load_checkpoint(path, "digits")[0]
-    for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 0)):
+    for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 5)):
         x = C.sample(model, C.VP(), torch.tensor([0, 1, model.tok["null"]]), sampler, steps, guidance=2.0)
         assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
     again = C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5)
