@@ -227,11 +227,11 @@ def test_bad_input_is_one_line_error(argv, message, as_process, runs_dir, capsys
     assert sorted(p for p in runs_dir.rglob("*")) == before
 
 
-def _entry_point(script: str):
-    """(main, Args) of a script, called in this process (what `python <script>` runs, without the start-up)."""
+def _module(script: str):
+    """The module a script is, to call its entry point in this process (what `python <script>` runs, without the
+    start-up)."""
     import importlib
-    module = importlib.import_module(script[:-3])
-    return module.main, module.Args
+    return importlib.import_module(script[:-3])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -251,10 +251,9 @@ def _entry_point(script: str):
 ])
 def test_numbers_and_devices_a_run_cannot_mean_are_one_line_errors(argv, message, runs_dir, capsys):
     before = sorted(p for p in runs_dir.rglob("*"))
-    with pytest.raises(SystemExit) as exit_:
-        C.cli(*_entry_point(argv[0]), argv[1:])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in err and err.startswith("error:") and err.strip().count("\n") == 0
+    r = run_here(_module(argv[0]), argv[1:], capsys)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.startswith("error:")
+    assert r.stderr.strip().count("\n") == 0
     assert sorted(p for p in runs_dir.rglob("*")) == before
 
 
@@ -269,7 +268,7 @@ def test_diverged_training_is_an_error_and_caches_nothing(runs_dir):
 def test_every_entry_point_prints_its_help(script, capsys):
     """--help of each script (in this process: the parser is all that runs); no docstring can break it."""
     with pytest.raises(SystemExit) as exit_:
-        C.parse_args(_entry_point(script)[1], ["--help"])
+        C.parse_args(_module(script).Args, ["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "--seed" in out and "examples:" in out
 

@@ -13,7 +13,7 @@ from scipy.stats import binom
 import common as C
 import eval as E
 import siss
-from conftest import isolated, run_script
+from conftest import isolated, run_here, run_script
 
 OUTLIER_FINETUNE_STEPS = 120
 
@@ -393,10 +393,8 @@ def test_usage_errors_are_one_line(capsys):
                         (["--scaling-norm", "big"], "--scaling-norm"), (["--n-uncond", "0"], "--n-uncond"),
                         (["--base-recipe", "stepz=5"], "stepz"), (["--base-recipe", "steps=many"], "not a number"),
                         (["--base-recipe", "batch_size=-4"], "positive"), (["--base-recipe", "tag=x"], "tag")]:
-        with pytest.raises(SystemExit) as e:
-            C.cli(siss.main, siss.Args, argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+        r = run_here(siss, argv, capsys)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
 
 
 def test_mnist_tshirt_scenario_builds(monkeypatch):
