@@ -1074,6 +1074,21 @@ def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
     return torch.cat(xs), torch.cat(ys)
 
 
+def denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, amp: bool) -> float:
+    """One step of the base's training (DDPM's eps-MSE): the loss under autocast, backward, gradients clipped to
+    norm 1, the optimiser, the EMA. net is model or its compiled / data-parallel wrapper. Returns the loss."""
+    with autocast(x0.device, amp):
+        loss = F.mse_loss(net(vp.q_sample(x0, t, noise), t, c).float(), noise)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    ema.update(model)
+    return loss.item()
+
+
 def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", root: str = "data",
              force: bool = False, out: Path | None = None, drop_classes=(), **recipe) -> Path:
     """Train the class-conditional base model (eps-MSE, label dropout to null) and cache its EMA weights.
@@ -1130,18 +1145,9 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
         c = torch.where(drop, torch.full_like(c, tok["null"]), c).to(device)
         t = torch.randint(vp.T, (n,), device=device)[mine]
         noise = torch.randn((n, *x0.shape[1:]), device=device)[mine]
-        with autocast(device, hp.amp):
-            loss = F.mse_loss(net(vp.q_sample(x0, t, noise), t, c).float(), noise)
         for g in opt.param_groups:
             g["lr"] = hp.lr * min(1.0, (step + 1) / hp.warmup) if hp.warmup else hp.lr
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        ema.update(model)
-        losses.append(loss.item())
+        losses.append(denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, hp.amp))
         if not math.isfinite(losses[-1]):   # never cache a model of NaNs as finished
             raise UsageError(f"training diverged at step {step + 1} (loss {losses[-1]}); no model was saved: "
                              f"try a smaller --lr")

@@ -50,24 +50,19 @@ def test_method_runs_a_few_steps_on_cuda_with_amp(mnist_stand_in, name):
 
 
 def _training_rate(name: str, amp: bool, compile_: bool, batch: int = 128, steps: int = 20) -> tuple:
-    """Images per second and peak GPU memory (GiB) of pretraining steps as common.pretrain takes them (forward
-    under autocast, backward, clipping, AdamW, EMA) on stand-in images of the dataset's shape."""
+    """Images per second and peak GPU memory (GiB) of pretraining steps as common.pretrain takes them
+    (C.denoising_step: forward under autocast, backward, clipping, AdamW, EMA) on stand-in images of the dataset's
+    shape."""
     import time
     model = C.CondUNet(name).cuda()
     ema, opt, vp = C.EMA(model, 0.9999), torch.optim.AdamW(model.parameters(), lr=2e-4), C.VP()
-    net = torch.compile(model) if compile_ else model
+    net, scaler = torch.compile(model) if compile_ else model, C.grad_scaler("cuda", amp)
     x = torch.rand(batch, model.info.channels, 32, 32, device="cuda") * 2 - 1
     c = torch.arange(batch, device="cuda") % 10
 
     def step():
         t, noise = torch.randint(vp.T, (batch,), device="cuda"), torch.randn_like(x)
-        with C.autocast("cuda", amp):
-            loss = torch.nn.functional.mse_loss(net(vp.q_sample(x, t, noise), t, c).float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        C.denoising_step(net, model, opt, scaler, ema, vp, x, t, c, noise, amp)
     for _ in range(10 if compile_ else 3):     # warm-up (and compilation)
         step()
     torch.cuda.synchronize()
