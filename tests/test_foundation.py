@@ -221,7 +221,7 @@ def test_missing_torchvision_dataset_says_where_to_put_it(tmp_path, monkeypatch)
 ])
 def test_bad_input_is_one_line_error(argv, message, as_process, runs_dir, capsys):
     before = sorted(p for p in runs_dir.rglob("*"))
-    r = run_script(*argv) if as_process else run_here(E, argv[1:], capsys)
+    r = run_script(*argv) if as_process else run_here(_module(argv[0]), argv[1:], capsys)
     assert r.returncode == 2 and message in r.stderr
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
     assert sorted(p for p in runs_dir.rglob("*")) == before
