@@ -297,7 +297,7 @@ def evaluate(args: Args, gen, clf, forget, out) -> dict:
     t1 = time.time()
     x = sample_generator(gen, c, args.t_init, ab, seed=args.seed)
     secs = time.time() - t1
-    s = dict(x=x, c=c, sampler="sfd-1step", nfe=1, null=gen.tok["null"])   # a C.sample_record of the generator
+    s = dict(x=x, c=c, sampler="sfd-1step", nfe=1, null=gen.tok["null"])   # C.sample_record's fields, one step
     C.save_samples(out, s)
     C.save_grid(x.view(info.num_classes, n, *x.shape[1:])[:, :10].flatten(0, 1), out / "samples.png",
                 nrow=min(10, n), highlight_rows=fset)
