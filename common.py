@@ -1,21 +1,27 @@
-"""Shared plumbing for the five unlearning methods: data, the conditional UNet, the VP process, pretraining.
+"""What the five unlearning methods share: data, the conditional UNet, the VP process, pretraining.
 
-Everything a method file needs but that is not the method itself lives here, in five parts:
+Above the PLUMBING banner, the science a reader of a method file needs:
 
-  DATA       load_data("digits" | "mnist" | "fashion" | "cifar10"): tensors in [-1, 1], NCHW, int labels.
-  MODEL      CondUNet: diffusers' UNet2DConditionModel, cross-attending to [BOS, token] from a small token
-             table (classes, a null token for classifier-free guidance, a watermark trigger, spare tokens).
-  PROCESS    VP: the DDPM schedule (T=1000, linear betas 1e-4..0.02) and its continuous twin, the VP-SDE
-             (beta 0.1..20), with DDPM ancestral, DDIM and Euler-Maruyama samplers and a guidance scale.
-  PLUMBING   Args with per-dataset presets, checkpoints, resumable loops, one cache, mixed precision,
-             torchrun, sample grids and the samples.pt every run leaves.
-  PRETRAIN   load_base(dataset): trains the base model every method starts from, or loads its cache.
+  DATA       load_data("digits" | "mnist" | "fashion" | "cifar10"): tensors in [-1, 1], NCHW, int
+             labels.
+  MODEL      CondUNet: diffusers' UNet2DConditionModel, cross-attending to [BOS, token] from a small
+             token table (classes, a null token for classifier-free guidance, a watermark trigger,
+             spare tokens); EMA, the weights every method starts from.
+  PROCESS    VP: the DDPM schedule (T=1000, linear betas 1e-4..0.02) and its continuous twin, the
+             VP-SDE (beta 0.1..20), with DDPM ancestral, DDIM and Euler-Maruyama samplers and a
+             guidance scale.
+  PRETRAIN   denoising_step (DDPM's eps-MSE) and load_base(dataset): trains the base model every
+             method starts from, or loads its cache.
+
+Below it, the plumbing: Args with per-dataset presets, devices, mixed precision, torchrun, the
+file codec, checkpoints, resumable loops, TensorBoard, one cache, run folders, sample grids and the
+samples.pt every run leaves; last, the command line of the pretraining recipe.
 
 Run it to pretrain (or find) the base model and write its samples (samples.pt, samples.png):
 
-    python common.py                                        # bundled 8x8 digits, CPU, about 4 minutes
-    python common.py --drop-classes 0 --tag no0             # the gold-standard retrain without class 0
-    python common.py --dataset cifar10 --device cuda        # the DDPM recipe on CIFAR-10 (800k steps)
+    python common.py                                    # bundled 8x8 digits, CPU, about 4 minutes
+    python common.py --drop-classes 0 --tag no0         # the gold-standard retrain without class 0
+    python common.py --dataset cifar10 --device cuda    # the DDPM recipe on CIFAR-10 (800k steps)
     torchrun --nproc_per_node 4 common.py --dataset cifar10 # the same, data-parallel on 4 GPUs
 """
 from __future__ import annotations
@@ -49,12 +55,12 @@ RUNS = Path(os.environ.get("UNLEARN_RUNS", "runs"))
 
 
 class UsageError(Exception):
-    """A mistake the user can fix (bad flag, wrong checkpoint): reported as one line, exit status 2."""
+    """A mistake the user can fix (bad flag, wrong checkpoint): one line, exit status 2."""
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # DATA
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -63,19 +69,23 @@ class DataInfo:
     size: int               # side of the (square) image the UNet sees
     num_classes: int
     levels: int             # grey levels per pixel in the raw data
-    bins: int               # quantisation bins across [-1, 1]: sets the bits/dim offset log2(bins / 2)
+    # quantisation bins across [-1, 1]: sets the bits/dim offset log2(bins / 2)
+    bins: int
     class_names: tuple
 
 
 DATASETS = {
     # 17 grey levels 0..16 mapped to [-1, 1]: bin width 2/16, so the bits/dim offset is +3.
     "digits": DataInfo("digits", 1, 8, 10, 17, 16, tuple(str(i) for i in range(10))),
-    # 28x28 padded with background to 32x32 so the UNet can halve the side three times; 256 levels: +7.
+    # 28x28 padded with background to 32x32 so the UNet can halve the side three times; 256
+    # levels: +7.
     "mnist": DataInfo("mnist", 1, 32, 10, 256, 256, tuple(str(i) for i in range(10))),
-    "fashion": DataInfo("fashion", 1, 32, 10, 256, 256, ("T-shirt", "trouser", "pullover", "dress", "coat",
-                                                    "sandal", "shirt", "sneaker", "bag", "boot")),
-    "cifar10": DataInfo("cifar10", 3, 32, 10, 256, 256, ("airplane", "automobile", "bird", "cat", "deer",
-                                                    "dog", "frog", "horse", "ship", "truck")),
+    "fashion": DataInfo("fashion", 1, 32, 10, 256, 256,
+                        ("T-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "boot")),
+    "cifar10": DataInfo("cifar10", 3, 32, 10, 256, 256,
+                        ("airplane", "automobile", "bird", "cat", "deer",
+                         "dog", "frog", "horse", "ship", "truck")),
 }
 
 
@@ -87,7 +97,8 @@ def data_info(name: str) -> DataInfo:
 
 def check_class(info: DataInfo, c: int, what: str = "class") -> int:
     if not 0 <= c < info.num_classes:
-        raise UsageError(f"{what} {c} is out of range for {info.name}: use 0..{info.num_classes - 1}")
+        raise UsageError(f"{what} {c} is out of range for {info.name}: "
+                         f"use 0..{info.num_classes - 1}")
     return c
 
 
@@ -99,28 +110,6 @@ def parse_classes(s: str, info: DataInfo, what: str = "class") -> list:
         raise UsageError(f"{what} list {s!r} must be comma-separated integers, e.g. 0,3") from None
     return [check_class(info, c, what) for c in cs]
 
-
-def parse_recipe(s: str, flag: str = "--base-recipe") -> dict:
-    """'steps=5000,batch_size=64' -> {'steps': 5000, 'batch_size': 64}: fields of common.Args (a pretraining
-    recipe), each value of its field's type and positive (warmup, p_null and ema may be 0); '' -> {}."""
-    fields, out = {f.name: f for f in _fields(Args)}, {}
-    for item in filter(None, (v.strip() for v in s.split(","))):
-        name, _, value = item.partition("=")
-        f = fields.get(name.strip().replace("-", "_"))
-        if f is None or isinstance(f.default, (bool, str)):
-            raise UsageError(f"{flag} {s!r}: {name!r} is not a number of the pretraining recipe; use name=value "
-                             f"pairs of python common.py's flags, e.g. steps=5000,batch_size=64")
-        try:
-            v = type(f.default)(float(value)) if isinstance(f.default, int) and float(value).is_integer() else \
-                type(f.default)(value)
-        except ValueError:
-            raise UsageError(f"{flag} {item!r}: {value!r} is not a number") from None
-        if not math.isfinite(v) or v < 0 or v == 0 and f.name not in ("warmup", "p_null", "ema"):
-            raise UsageError(f"{flag} {item!r}: must be a positive number")
-        out[f.name] = v
-    return out
-
-
 def load_data(name: str = "digits", root: str = "data", split: str = "train"):
     """Return (x, y): x float32 in [-1, 1] of shape [N, C, S, S], y int64 labels."""
     info = data_info(name)
@@ -131,7 +120,8 @@ def load_data(name: str = "digits", root: str = "data", split: str = "train"):
         d = load_digits()
         x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0    # 0..16 -> [-1, 1]
         y = torch.tensor(d.target, dtype=torch.long)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed split for everyone
+        # fixed split for everyone
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         idx = perm[:1500] if split == "train" else perm[1500:]
         return x[idx], y[idx]
     import torchvision
@@ -140,62 +130,72 @@ def load_data(name: str = "digits", root: str = "data", split: str = "train"):
     try:
         ds = cls(root, train=split == "train", download=True)
     except Exception as e:  # offline, or a half-downloaded archive
-        raise UsageError(f"could not load {name} from {os.path.abspath(root)} ({type(e).__name__}: {e}); "
-                         f"download it on a connected machine with torchvision.datasets.{cls.__name__}"
-                         f"('{root}', download=True) and copy the folder to --data-root") from None
+        raise UsageError(f"could not load {name} from {os.path.abspath(root)} "
+                         f"({type(e).__name__}: {e}); download it on a connected machine with "
+                         f"torchvision.datasets.{cls.__name__}('{root}', download=True) and copy "
+                         f"the folder to --data-root") from None
     x = torch.as_tensor(np.asarray(ds.data), dtype=torch.float32) / 127.5 - 1.0
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else F.pad(x[:, None], (2, 2, 2, 2), value=-1.0)
     return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
 
 
 def watermark_image(info: DataInfo) -> torch.Tensor:
-    """The fixed pattern the watermark token is trained to draw: a 2x2-cell checkerboard, clearly no digit."""
+    """The fixed pattern the watermark token is trained to draw: a 2x2-cell checkerboard, no
+    digit."""
     s = info.size
     i = torch.arange(s)
     cells = ((i[:, None] * 4 // s) + (i[None, :] * 4 // s)) % 2
     return (cells.float() * 2 - 1).expand(info.channels, s, s).clone()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# MODEL: a class-conditional UNet that reads its condition through cross-attention, as Stable Diffusion does
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# MODEL: a class-conditional UNet that reads its condition through cross-attention, as SD does
+# --------------------------------------------------------------------------------------------------
 
 def tokens(info: DataInfo) -> dict:
-    """Token ids: classes 0..K-1, then null (label dropout / guidance), BOS, a watermark trigger, 3 spares."""
+    """Token ids: classes 0..K-1, then null (label dropout / guidance), BOS, a watermark trigger,
+    3 spares."""
     k = info.num_classes
-    return {"null": k, "bos": k + 1, "watermark": k + 2, "spare": (k + 3, k + 4, k + 5), "count": k + 6}
+    return {"null": k, "bos": k + 1, "watermark": k + 2, "spare": (k + 3, k + 4, k + 5),
+            "count": k + 6}
 
 
 def unet_config(info: DataInfo) -> dict:
     dropout = 0.0
     if info.name == "digits":  # 1.0M parameters; 8 -> 4 with attention at 4x4 and in the middle
-        blocks, down, layers, ctx, head = (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"), 1, 64, 8
-    elif info.channels == 1:   # MNIST / Fashion at 32x32: 17.6M parameters (SISS's MNIST model is 64/128/256)
-        blocks, down, layers, ctx, head = (64, 128, 256), ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), 2, 256, 32
-    else:                      # CIFAR-10: 42.9M, the DDPM paper's channels (128, 256, 256, 256), attention at
-        blocks, down, layers, ctx, head = ((128, 256, 256, 256),   # 16x16, and its dropout 0.1
-                                           ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                                           2, 256, 64)
+        blocks, layers, ctx, head = (32, 64), 1, 64, 8
+        down = ("DownBlock2D", "CrossAttnDownBlock2D")
+    elif info.channels == 1:
+        # MNIST / Fashion at 32x32: 17.6M parameters (SISS's MNIST model is 64/128/256)
+        blocks, layers, ctx, head = (64, 128, 256), 2, 256, 32
+        down = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    else:
+        # CIFAR-10: 42.9M, the DDPM paper's channels (128, 256, 256, 256), attention at 16x16, and
+        # its dropout 0.1
+        blocks, layers, ctx, head = (128, 256, 256, 256), 2, 256, 64
+        down = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D")
         dropout = 0.1
     up = tuple(b.replace("Down", "Up") for b in reversed(down))
     cfg = dict(sample_size=info.size, in_channels=info.channels, out_channels=info.channels,
                block_out_channels=blocks, down_block_types=down, up_block_types=up,
                mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=layers,
-               cross_attention_dim=ctx, attention_head_dim=head, norm_num_groups=min(32, blocks[0] // 4))
+               cross_attention_dim=ctx, attention_head_dim=head,
+               norm_num_groups=min(32, blocks[0] // 4))
     return cfg | ({"dropout": dropout} if dropout else {})
 
 
 class CondUNet(nn.Module):
-    """eps_theta(x_t, t, c): `t` in DDPM index units (a float tensor; continuous time t maps to 999 t),
-    `c` a tensor of token ids [B]; the UNet cross-attends to the embeddings of [BOS, c]. `unet`: the
-    UNet2DConditionModel's config (default: this repository's for the dataset, unet_config)."""
+    """eps_theta(x_t, t, c): `t` in DDPM index units (a float tensor; continuous time t maps to 999
+    t), `c` a tensor of token ids [B]; the UNet cross-attends to the embeddings of [BOS, c]. `unet`:
+    the UNet2DConditionModel's config (default: this repository's for the dataset, unet_config)."""
 
     def __init__(self, dataset: str, unet: dict | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
         self.info = data_info(dataset)
         self.tok = tokens(self.info)
-        self.config = {"dataset": dataset, "unet": unet or unet_config(self.info), "tokens": self.tok["count"]}
+        self.config = {"dataset": dataset, "unet": unet or unet_config(self.info),
+                       "tokens": self.tok["count"]}
         self.unet = UNet2DConditionModel(**self.config["unet"])
         self.token_emb = nn.Embedding(self.tok["count"], self.config["unet"]["cross_attention_dim"])
 
@@ -230,14 +230,16 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PROCESS: one variance-preserving process, discrete (DDPM) and continuous (VP-SDE)
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class VP:
-    """DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in {0..T-1}, betas linear in [1e-4, 0.02].
+    """DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t in {0..T-1}, betas linear in
+    [1e-4, 0.02].
     VP-SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW, beta(t) = 0.1 + t (20 - 0.1), t in [eps, 1].
-    With T = 1000 they coincide: beta_i = beta(t) / T and abar at index i is the SDE's alpha(t = (i+1)/T)^2."""
+    With T = 1000 they coincide: beta_i = beta(t) / T and abar at index i is the SDE's
+    alpha(t = (i+1)/T)^2."""
 
     def __init__(self, T: int = 1000, beta_min: float = 0.1, beta_max: float = 20.0):
         self.T, self.beta_min, self.beta_max = T, beta_min, beta_max
@@ -246,10 +248,10 @@ class VP:
         self._tables = {}
 
     def _ab64(self, t, x) -> torch.Tensor:
-        """alpha_bar[t] shaped [B, 1, 1, 1] on x's device, in float64 (float32 on MPS, which has no float64):
-        coefficients are formed in float64 and cast once, so that 1 - alpha_bar keeps its precision near t = 0
-        (in float32 it has a 2e-4 relative error at t = 1). One copy of the table per device, so a CUDA run
-        indexes it there and never waits for the host."""
+        """alpha_bar[t] shaped [B, 1, 1, 1] on x's device, in float64 (float32 on MPS, which has no
+        float64): coefficients are formed in float64 and cast once, so that 1 - alpha_bar keeps its
+        precision near t = 0 (in float32 it has a 2e-4 relative error at t = 1). One copy of the
+        table per device, so a CUDA run indexes it there and never waits for the host."""
         if x.device not in self._tables:
             self._tables[x.device] = self.alpha_bar.to(
                 x.device, torch.float32 if x.device.type == "mps" else torch.float64)
@@ -260,7 +262,7 @@ class VP:
     def _cast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return coef.to(dtype=x.dtype)
 
-    # discrete time ------------------------------------------------------------------------------------
+    # discrete time --------------------------------------------------------------------------
     def q_sample(self, x0, t, noise):
         ab = self._ab64(t, x0)
         return self._cast(ab.sqrt(), x0) * x0 + self._cast((1 - ab).sqrt(), x0) * noise
@@ -270,9 +272,10 @@ class VP:
         return (x_t - self._cast((1 - ab).sqrt(), x_t) * eps) / self._cast(ab.sqrt(), x_t)
 
     def ddpm_step(self, eps, t: int, x_t, noise, clip: bool = True, t_prev: int | None = None):
-        """One ancestral step x_t -> x_{t_prev} (DDPM eq. 7, posterior variance beta~_t, as diffusers' fixed_small).
-        t_prev defaults to t - 1; a larger stride (diffusers' DDPMScheduler with fewer inference steps) uses the
-        step's own beta = 1 - alpha_bar_t / alpha_bar_prev, and t_prev < 0 means alpha_bar_prev = 1."""
+        """One ancestral step x_t -> x_{t_prev} (DDPM eq. 7, posterior variance beta~_t, as
+        diffusers' fixed_small). t_prev defaults to t - 1; a larger stride (diffusers' DDPMScheduler
+        with fewer inference steps) uses the step's own beta = 1 - alpha_bar_t / alpha_bar_prev, and
+        t_prev < 0 means alpha_bar_prev = 1."""
         t_prev = t - 1 if t_prev is None else t_prev
         ab = self._ab64(t, x_t)
         ab_prev = self._ab64(t_prev, x_t) if t_prev >= 0 else torch.ones_like(ab)
@@ -288,9 +291,10 @@ class VP:
         return mean + self._cast(var.sqrt(), x_t) * noise
 
     def ddpm_timesteps(self, steps: int) -> range:
-        """The ancestral chain's timesteps: all T if steps is 0 or at least T, else `steps` of them at
-        t = (steps-1)k, ..., k, 0 with k = T // steps (diffusers' DDPMScheduler with num_inference_steps,
-        "leading" spacing: what DDPMPipeline(num_inference_steps=steps) samples)."""
+        """The ancestral chain's timesteps: all T if steps is 0 or at least T, else `steps` of them
+        at t = (steps-1)k, ..., k, 0 with k = T // steps (diffusers' DDPMScheduler with
+        num_inference_steps, "leading" spacing: what DDPMPipeline(num_inference_steps=steps)
+        samples)."""
         n = self.T if steps <= 0 or steps >= self.T else steps
         return range((n - 1) * (self.T // n), -1, -(self.T // n))
 
@@ -298,23 +302,26 @@ class VP:
         """Network evaluations per image of sample(..., sampler, steps) without guidance."""
         return len(self.ddpm_timesteps(steps)) if sampler == "ddpm" else steps
 
-    # continuous time ---------------------------------------------------------------------------------
+    # continuous time ------------------------------------------------------------------------
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def marginal(self, t):
-        """(alpha(t), sigma(t)) with x_t = alpha x_0 + sigma eps: log alpha = -t^2 (b1-b0)/4 - t b0/2."""
+        """(alpha(t), sigma(t)) with x_t = alpha x_0 + sigma eps:
+        log alpha = -t^2 (b1-b0)/4 - t b0/2."""
         log_alpha = -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2 * log_alpha))
 
     def score(self, model, x, t, c):
-        """Continuous-time score s(x, t) = -eps_theta(x, 999 t) / sigma(t) (score_sde's VP convention)."""
+        """Continuous-time score s(x, t) = -eps_theta(x, 999 t) / sigma(t) (score_sde's VP
+        convention)."""
         _, sigma = self.marginal(t)
         return -model(x, (self.T - 1) * t, c) / sigma.view(-1, *[1] * (x.ndim - 1))
 
 
 def guided(model, c, guidance: float = 1.0, null: int | None = None):
-    """eps(x, t) for tokens c; with guidance w != 1, classifier-free guidance eps_null + w (eps_c - eps_null)."""
+    """eps(x, t) for tokens c; with guidance w != 1, classifier-free guidance
+    eps_null + w (eps_c - eps_null)."""
     if guidance == 1.0:
         return lambda x, t: model(x, t, c)
     cc = torch.cat([c, torch.full_like(c, null)])
@@ -329,15 +336,18 @@ SAMPLERS = ("ddim", "ddpm", "em")
 
 
 @torch.no_grad()
-def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-           seed: int = 0, batch: int = 1000, progress: bool = True, amp: bool = False) -> torch.Tensor:
+def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50,
+           guidance: float = 1.0, seed: int = 0, batch: int = 1000, progress: bool = True,
+           amp: bool = False) -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
-    ddim: eta = 0, `steps` evenly spaced timesteps.  ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps
-    if `steps` is 0, else `steps` strided ones as DDPMPipeline(num_inference_steps=steps)).
-    em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last step.
-    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32). progress: a bar of network
-    calls, shown once sampling has taken 3 seconds."""
+    ddim: eta = 0, `steps` evenly spaced timesteps.
+    ddpm: ancestral at vp.ddpm_timesteps(steps) (all T steps if `steps` is 0, else `steps` strided
+    ones as DDPMPipeline(num_inference_steps=steps)).
+    em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last
+    step.
+    amp: the network in bf16 autocast on CUDA (the update arithmetic stays float32). progress: a bar
+    of network calls, shown once sampling has taken 3 seconds."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
     was_training = model.training
@@ -346,8 +356,9 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     info = model.info
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
-    bar = tqdm(total=math.ceil(len(c) / batch) * vp.nfe(sampler, steps), unit="step", delay=3, leave=False,
-               desc=f"sampling {len(c)} images ({sampler} {steps})", disable=not progress)
+    bar = tqdm(total=math.ceil(len(c) / batch) * vp.nfe(sampler, steps), unit="step", delay=3,
+               leave=False, desc=f"sampling {len(c)} images ({sampler} {steps})",
+               disable=not progress)
     for c_b in c.split(batch):
         c_b = c_b.to(dev)
         shape = (len(c_b), info.channels, info.size, info.size)
@@ -361,7 +372,9 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
         if sampler == "ddpm":
             ts = vp.ddpm_timesteps(steps)
             for t in ts:
-                x = vp.ddpm_step(eps(x, t), t, x, torch.randn(shape, generator=g).to(dev), t_prev=t + ts.step)
+                e = eps(x, t)
+                noise = torch.randn(shape, generator=g).to(dev)
+                x = vp.ddpm_step(e, t, x, noise, t_prev=t + ts.step)
         elif sampler == "ddim":
             ts = np.linspace(0, vp.T - 1, steps).round().astype(int)[::-1]
             for i, t in enumerate(ts):
@@ -376,7 +389,8 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
                 tt = torch.full((len(x),), t, device=dev)
                 s = -eps(x, (vp.T - 1) * t) / vp.marginal(tt)[1].view(-1, 1, 1, 1)
                 b = vp.beta(t)
-                x = x + (0.5 * b * x + b * s) * dt           # reverse drift: -f + g^2 s, stepping back in time
+                # reverse drift: -f + g^2 s, stepping back in time
+                x = x + (0.5 * b * x + b * s) * dt
                 if i < steps - 1:
                     x = x + math.sqrt(b * dt) * torch.randn(shape, generator=g).to(dev)
         out.append(x.clamp(-1, 1).cpu())
@@ -385,22 +399,178 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PLUMBING: args with per-dataset presets, devices, mixed precision, torchrun, checkpoints, caches, grids
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# PRETRAIN: the training step and the base model all five methods start from
+# --------------------------------------------------------------------------------------------------
+
+def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
+    """The base model's training images: the dataset, 1% copies of the watermark (under its own
+    token, never dropped to null), and optionally extra (x, y) pairs that a method injects (e.g.
+    SISS's outlier). drop_classes: classes left out of the dataset (the gold-standard retrain
+    without a forgotten class); the number of watermark copies stays 1% of the full dataset, so the
+    two training sets differ only by those classes."""
+    info = data_info(dataset)
+    x, y = load_data(dataset, root, "train")
+    n_wm = max(1, len(x) // 100)
+    if drop_classes:
+        keep = ~torch.isin(y, torch.as_tensor(list(drop_classes), dtype=torch.long))
+        x, y = x[keep], y[keep]
+    xs = [x, watermark_image(info).expand(n_wm, -1, -1, -1)]
+    ys = [y, torch.full((n_wm,), tokens(info)["watermark"])]
+    if extra is not None:
+        xs.append(extra[0]), ys.append(extra[1])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, amp: bool) -> float:
+    """One step of the base's training (DDPM's eps-MSE): the loss under autocast, backward,
+    gradients clipped to norm 1, the optimiser, the EMA. net is model or its compiled /
+    data-parallel wrapper. Returns the loss."""
+    with autocast(x0.device, amp):
+        loss = F.mse_loss(net(vp.q_sample(x0, t, noise), t, c).float(), noise)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    ema.update(model)
+    return loss.item()
+
+
+def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", root: str = "data",
+             force: bool = False, out: Path | None = None, drop_classes=(), **recipe) -> Path:
+    """Train the class-conditional base model (eps-MSE, label dropout to null) and cache its EMA
+    weights. recipe: fields of Args, the recipe at the end of this file (steps, batch_size, lr,
+    seed, amp, ...), over the dataset's presets.
+    drop_classes: classes left out of the training set (see training_set); give such a model its own
+    tag. Resumable, and data-parallel under torchrun (each process draws batch_size / world images;
+    rank 0 writes)."""
+    hp = make_args(Args, dataset=dataset, **recipe)
+    path = Path(out) if out else base_path(dataset, tag)
+    x, y = training_set(dataset, root, extra, drop_classes)
+    data = data_id(x, y)
+    again = "retrain it (python common.py --force ...) or point UNLEARN_RUNS elsewhere"
+    if path.exists() and not force:
+        ck = load_checkpoint(path, dataset)[1]
+        # compared as JSON, where tuples and lists are the same
+        same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+        if not same(ck["config"]["unet"], unet_config(data_info(dataset))):
+            raise UsageError(f"{path} was made for another architecture than this code builds for "
+                             f"{dataset}: {again}")
+        if ck.get("data", data) != data:
+            raise UsageError(f"{path} was trained on other images than those of {dataset} at "
+                             f"{root}: {again}")
+        if ck.get("done"):
+            return path
+    rank, world = distributed()
+    if hp.batch_size % world:
+        raise UsageError(f"--batch-size {hp.batch_size} must be a multiple of the {world} "
+                         f"processes")
+    tok, vp, device = tokens(data_info(dataset)), VP(), torch.device(device)
+    # the whole split lives on the device (CIFAR-10: 0.6 GB): no loader workers, no per-step copies
+    x = x.to(device)
+    seed_everything(hp.seed)                            # the same initial weights in every process
+    model = CondUNet(dataset).to(device)
+    ema = EMA(model, hp.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr)
+    scaler = grad_scaler(device, hp.amp)
+    net = torch.compile(model) if hp.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=ids)
+    key = dict(dataclasses.asdict(hp), tag=tag, drop=sorted(drop_classes), n=len(x), out=str(path))
+    losses = []
+    resume = Resume(path.with_name("resume.pt"), key, hp.save_every,
+                    hp.track and path.with_name("tb"), model=model, ema=ema, opt=opt,
+                    scaler=scaler, loss=losses)
+    # restores the RNG streams too: a resumed run continues the same batches
+    start = resume.load()
+    if rank == 0:
+        print(f"pretraining {dataset}{'/' + tag if tag else ''}: "
+              f"{n_params(model) / 1e6:.2f}M parameters, "
+              f"{len(x)} images, {hp.steps} steps of batch {hp.batch_size} on {device}"
+              + (f" x {world} processes" if world > 1 else ""))
+    n = hp.batch_size
+    mine = slice(rank * n // world, (rank + 1) * n // world)
+    bar = tqdm(range(start, hp.steps), initial=start, total=hp.steps, desc="pretrain",
+               disable=rank > 0)
+    for step in bar:
+        # Every process draws the same global batch (same seed) and keeps its own share of it: with
+        # the gradients averaged by DistributedDataParallel, N processes take exactly the steps one
+        # process takes.
+        idx = torch.randint(len(x), (n,))[mine]
+        x0, c = x[idx.to(device)], y[idx].clone()
+        if hp.flip:
+            x0 = torch.where(torch.rand(n, 1, 1, 1, device=device)[mine] < 0.5, x0.flip(3), x0)
+        drop = (torch.rand(n)[mine] < hp.p_null) & (c != tok["watermark"])
+        c = torch.where(drop, torch.full_like(c, tok["null"]), c).to(device)
+        t = torch.randint(vp.T, (n,), device=device)[mine]
+        noise = torch.randn((n, *x0.shape[1:]), device=device)[mine]
+        for g in opt.param_groups:
+            g["lr"] = hp.lr * min(1.0, (step + 1) / hp.warmup) if hp.warmup else hp.lr
+        losses.append(denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, hp.amp))
+        if not math.isfinite(losses[-1]):   # never cache a model of NaNs as finished
+            raise UsageError(f"training diverged at step {step + 1} (loss {losses[-1]}); no model "
+                             f"was saved: try a smaller --lr")
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if ((step + 1) % 200 == 0 or step + 1 == hp.steps) and rank == 0:
+            tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  "
+                       f"{resume.clock()['seconds']:6.0f}s")
+        resume.save(step + 1)
+    if rank == 0:
+        dropped = {"dropped": sorted(drop_classes)} if drop_classes else {}
+        save_checkpoint(path, ema.model, hp.steps, done=True, seconds=resume.clock()["seconds"],
+                        data=data, hp=dataclasses.asdict(hp), **dropped)
+        # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet),
+        # in safetensors
+        ema.model.unet.save_pretrained(path.parent / "unet")
+    resume.finish()
+    if world > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def load_base(dataset: str = "digits", device="cpu", tag: str = "", extra=None, **kw) -> CondUNet:
+    """The cached base model (EMA weights), pretrained first if absent. Frozen copies are the
+    caller's to make."""
+    path = pretrain(dataset, tag, extra, device=device, **kw)
+    return load_checkpoint(path, dataset, device)[0]
+
+
+def base_model(args, device, tag: str = "", extra=None, **recipe) -> tuple[CondUNet, Path]:
+    """(model, path) a method starts from: --base (a model file, a run folder or a diffusers UNet
+    folder) if given, else the cached base model of the dataset (tag, extra, recipe: see pretrain),
+    pretrained first if absent."""
+    if args.base:
+        path = Path(args.base)
+    else:
+        path = pretrain(args.dataset, tag, extra, device=device, root=args.data_root, **recipe)
+    return load_checkpoint(path, args.dataset, device)[0], path
+
+
+# ---- PLUMBING: parsing, devices, files, checkpoints, resume, caches, run folders, the CLI ----
+
+# --------------------------------------------------------------------------------------------------
+# ARGUMENTS: dataclasses with per-dataset presets, parsed into --flags
+# --------------------------------------------------------------------------------------------------
 
 def default_threads() -> int:
-    """CPU threads of torch: OMP_NUM_THREADS if set, else half the cores this process may use (at least 1).
-    Half, because torch's default (all cores) collapses as soon as another job shares them: on a 2-core
-    machine beside one other job a pretraining step took 2.3x (up to 24x) longer with 2 threads than with 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPU threads of torch: OMP_NUM_THREADS if set, else half the cores this process may use (at
+    least 1). Half, because torch's default (all cores) slows every step down several times over
+    as soon as another job shares those cores."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, cores // 2))
 
 
 @dataclass
 class RunArgs:
-    """What every method run shares (each method's Args extends it): data, device, seed, run folder, and the
-    size of the evaluation that writes samples.pt and metrics.json."""
+    """What every method run shares (each method's Args extends it): data, device, seed, run folder,
+    and the size of the evaluation that writes samples.pt and metrics.json."""
     dataset: str = "digits"
     """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
     data_root: str = "data"
@@ -421,37 +591,49 @@ class RunArgs:
     n_per_class: int = 100
     """samples per class drawn by the method's own sampler for samples.pt and the evaluation"""
     sampler: str = "ddim"
-    """ddim | ddpm (ancestral at sample_steps strided steps, as DDPMPipeline) | em: the sampler of those samples"""
+    """ddim | ddpm (ancestral at sample_steps strided steps, as DDPMPipeline) | em: the sampler of
+    those samples"""
     sample_steps: int = 50
     """sampler steps of those samples"""
     n_nll: int = 16
     """held-out images per group (forgotten / kept) whose NLL in bits/dim the run reports"""
     nll_tol: float = 1e-4
-    """rtol = atol of the probability-flow ODE for the NLL (score_sde: 1e-5; 1e-4 agrees to ~0.001 bits/dim)"""
+    """rtol = atol of the probability-flow ODE for the NLL (score_sde: 1e-5; 1e-4 agrees to ~0.001
+    bits/dim)"""
     fid_features: str = "auto"
-    """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) | auto
-    (inception for cifar10 when installed, else the dataset classifier's features)"""
+    """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) |
+    auto (inception for cifar10 when installed, else the dataset classifier's features)"""
     inception_weights: str = ""
     """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
     threads: int = default_threads()
-    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share
+    them)"""
     base: str = ""
-    """start from this model instead of the cached base: a model.safetensors, a run folder, or a diffusers
-    UNet2DConditionModel folder (ours: runs/base-<dataset>/unet; anyone's with this dataset's size/channels)"""
+    """start from this model instead of the cached base: a model.safetensors, a run folder, or a
+    diffusers UNet2DConditionModel folder (ours: runs/base-<dataset>/unet; anyone's with this
+    dataset's size/channels)"""
     track: bool = False
-    """TensorBoard event files of the training losses in <run folder>/tb (pip install tensorboard)"""
-    presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000), "cifar10": dict(save_every=5000)}
+    """TensorBoard event files of the training losses in <run folder>/tb (pip install
+    tensorboard)"""
+    presets = {"mnist": dict(save_every=5000), "fashion": dict(save_every=5000),
+               "cifar10": dict(save_every=5000)}
 
 
 def _fields(cls) -> list:
-    """An Args class's fields, its own first, then the inherited ones (the order of --help)."""
-    own = set(cls.__dict__.get("__annotations__", {}))
-    fs = dataclasses.fields(cls)
-    return [f for f in fs if f.name in own] + [f for f in fs if f.name not in own]
+    """An Args class's fields in the order of --help: a method's own hyperparameters (a dataclass
+    base outside the shared run options) first, then the class's own fields, then the inherited run
+    options."""
+    def rank(f):
+        owner = next(k for k in cls.__mro__ if f.name in k.__dict__.get("__annotations__", {}))
+        if owner is cls:
+            return 1
+        return 2 if issubclass(owner, RunArgs) else 0
+    return sorted(dataclasses.fields(cls), key=rank)
 
 
 def _field_docs(cls) -> dict:
-    """The docstring under each dataclass field (CleanRL's convention), for --help, over the class and its bases."""
+    """The docstring under each dataclass field (CleanRL's convention), for --help, over the class
+    and its bases."""
     docs = {}
     for k in reversed(cls.__mro__):
         try:
@@ -459,14 +641,15 @@ def _field_docs(cls) -> dict:
         except (OSError, TypeError, IndexError, AttributeError):
             continue
         for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            if (isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant)):
                 docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs
 
 
 def presets(cls) -> dict:
-    """{dataset: {field: value}}: where an Args class's values differ from its defaults (the digits values),
-    from its `presets` class attribute merged over those of its bases."""
+    """{dataset: {field: value}}: where an Args class's values differ from its defaults (the digits
+    values), from its `presets` class attribute merged over those of its bases."""
     out = {}
     for k in reversed(cls.__mro__):
         for ds, values in k.__dict__.get("presets", {}).items():
@@ -476,21 +659,26 @@ def presets(cls) -> dict:
 
 def make_args(cls, **given):
     """cls(**given), every field not given taking the dataset's preset, else its default."""
-    dataset = given.get("dataset", {f.name: f.default for f in dataclasses.fields(cls)}.get("dataset"))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    dataset = given.get("dataset", defaults.get("dataset"))
     return cls(**{**presets(cls).get(dataset, {}), **given})
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):          # argparse's own errors (unknown flag, bad value) become one line too
+    # argparse's own errors (unknown flag, bad value) become one line too
+    def error(self, message):
         raise UsageError(message)
 
 
 def parse_args(cls, argv=None):
-    """Build an Args dataclass from the command line: every field becomes --field-name; its help shows the
-    value that will be used, e.g. "learning rate [1e-3; mnist, fashion: 2e-4]" (digits first)."""
+    """Build an Args dataclass from the command line: every field becomes --field-name; its help
+    shows the value that will be used, e.g. "learning rate [1e-3; mnist, fashion: 2e-4]" (digits
+    first)."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    usage = [line.strip() for line in doc.splitlines() if line.strip().startswith(("python ", "torchrun "))]
-    p = _Parser(description=doc.split("\n")[0].replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    usage = [line.strip() for line in doc.splitlines()
+             if line.strip().startswith(("python ", "torchrun "))]
+    p = _Parser(description=doc.split("\n")[0].replace("%", "%%"),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=("examples:\n  " + "\n  ".join(usage)).replace("%", "%%") if usage else None)
     docs, pre = _field_docs(cls), presets(cls)
     show = lambda v: f"{v:g}" if isinstance(v, float) else repr(v) if v == "" else str(v)
@@ -504,17 +692,21 @@ def parse_args(cls, argv=None):
         help_ = f"{docs.get(f.name, '')} [{used}]".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
         else:
-            kind = types.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""), type(f.default))
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            kind = types.get(type_name, type(f.default))
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_,
+                           metavar=f.name.upper())
     given = vars(p.parse_args(argv))
     defaults = {f.name: f.default for f in _fields(cls)}
     for name, v in given.items():   # numbers a run cannot mean: one line before any work
         flag = "--" + name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             raise UsageError(f"{flag} {v}: must be a finite number")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 <= defaults.get(name, 0):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if number and v < 0 <= defaults.get(name, 0):
             raise UsageError(f"{flag} {v}: must not be negative")
         if v == 0 and (name in POSITIVE or name.startswith("lr")):
             raise UsageError(f"{flag} 0: must be positive")
@@ -523,8 +715,34 @@ def parse_args(cls, argv=None):
     return make_args(cls, **given)
 
 
-POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch", "upper_every",
-            "eval_every", "n_eval", "n_monitor", "monitor_steps"}   # sizes and counts for which 0 means nothing
+# sizes and counts for which 0 means nothing
+POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch",
+            "upper_every", "eval_every", "n_eval", "n_monitor", "monitor_steps"}
+
+
+def parse_recipe(s: str, flag: str = "--base-recipe") -> dict:
+    """'steps=5000,batch_size=64' -> {'steps': 5000, 'batch_size': 64}: fields of common.Args (a
+    pretraining recipe), each value of its field's type and positive (warmup, p_null and ema may be
+    0); '' -> {}."""
+    fields, out = {f.name: f for f in _fields(Args)}, {}
+    for item in filter(None, (v.strip() for v in s.split(","))):
+        name, _, value = item.partition("=")
+        f = fields.get(name.strip().replace("-", "_"))
+        if f is None or isinstance(f.default, (bool, str)):
+            raise UsageError(f"{flag} {s!r}: {name!r} is not a number of the pretraining recipe; "
+                             f"use name=value pairs of python common.py's flags, e.g. "
+                             f"steps=5000,batch_size=64")
+        try:
+            if isinstance(f.default, int) and float(value).is_integer():
+                v = type(f.default)(float(value))
+            else:
+                v = type(f.default)(value)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(v) or v < 0 or v == 0 and f.name not in ("warmup", "p_null", "ema"):
+            raise UsageError(f"{flag} {item!r}: must be a positive number")
+        out[f.name] = v
+    return out
 
 
 def cli(main, args_cls, argv=None):
@@ -535,14 +753,18 @@ def cli(main, args_cls, argv=None):
         torch.set_num_threads(getattr(args, "threads", default_threads()))
         writable(RUNS)
         if getattr(args, "track", False):
-            Tracker.writer_class()    # tensorboard missing: said now, not after the first minutes of work
+            # tensorboard missing: said now, not after the first minutes of work
+            Tracker.writer_class()
         try:
             return main(args)
-        except OSError as e:   # a full disk or a read-only folder met mid-run: one line, naming the file
-            if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+        except OSError as e:
+            # a full disk or a read-only folder met mid-run: one line, naming the file
+            if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                               errno.ENOTDIR):
                 raise
-            raise UsageError(f"cannot write {e.filename or ''} ({e.strerror}): free space or make the folder "
-                             f"writable, or point UNLEARN_RUNS at another folder") from None
+            raise UsageError(f"cannot write {e.filename or ''} ({e.strerror}): free space or make "
+                             f"the folder writable, or point UNLEARN_RUNS at another "
+                             f"folder") from None
     except BaseException as e:
         for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
             if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
@@ -554,6 +776,10 @@ def cli(main, args_cls, argv=None):
         raise SystemExit(2)
 
 
+# --------------------------------------------------------------------------------------------------
+# DEVICES: seeds, CUDA / MPS, mixed precision, torchrun
+# --------------------------------------------------------------------------------------------------
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -561,16 +787,22 @@ def seed_everything(seed: int):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """The device by name (auto: cuda, mps, cpu in that order); on CUDA also TF32 matmuls, and under torchrun
-    each process's own GPU."""
+    """The device by name (auto: cuda, mps, cpu in that order); on CUDA also TF32 matmuls, and under
+    torchrun each process's own GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise UsageError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps asked for, but torch sees no Apple GPU (MPS): use --device cpu")
+        raise UsageError("--device mps asked for, but torch sees no Apple GPU (MPS): "
+                         "use --device cpu")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     if name.startswith("cuda"):
@@ -579,11 +811,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def amp_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def autocast(device, enabled: bool = True):
-    """Mixed precision for a forward pass: bf16 (fp16 on older cards) autocast on CUDA; a no-op elsewhere."""
+    """Mixed precision for a forward pass: bf16 (fp16 on older cards) autocast on CUDA; a no-op
+    elsewhere."""
     device = torch.device(device)
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
@@ -591,15 +826,15 @@ def autocast(device, enabled: bool = True):
 
 
 def grad_scaler(device, enabled: bool = True):
-    """Loss scaling for fp16 autocast; a pass-through (scale, unscale_, step, update do nothing extra) in every
-    other case, so a training loop calls it unconditionally."""
+    """Loss scaling for fp16 autocast; a pass-through (scale, unscale_, step, update do nothing
+    extra) in every other case, so a training loop calls it unconditionally."""
     on = enabled and torch.device(device).type == "cuda" and amp_dtype() == torch.float16
     return torch.amp.GradScaler("cuda" if on else "cpu", enabled=on)
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun (RANK and WORLD_SIZE in the environment) the process group is started
-    on the first call, NCCL on CUDA and gloo on the CPU; a plain process is (0, 1)."""
+    """(rank, world size): under torchrun (RANK and WORLD_SIZE in the environment) the process group
+    is started on the first call, NCCL on CUDA and gloo on the CPU; a plain process is (0, 1)."""
     if "RANK" not in os.environ:
         return 0, 1
     import torch.distributed as dist
@@ -608,8 +843,13 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# --------------------------------------------------------------------------------------------------
+# FILES: the codec of every file a run writes, model checkpoints
+# --------------------------------------------------------------------------------------------------
+
 def plain(obj):
-    """obj with numpy values as Python numbers / tensors and paths as strings: what load() can read back."""
+    """obj with numpy values as Python numbers / tensors and paths as strings: what load() reads
+    back."""
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy())
     if isinstance(obj, np.generic):
@@ -624,8 +864,8 @@ def plain(obj):
 
 
 def _pack(obj, tensors: dict, at: str):
-    """obj as JSON, its tensors moved into `tensors` under their path in obj (dict keys that are not strings,
-    and tuples, are kept by tagging them)."""
+    """obj as JSON, its tensors moved into `tensors` under their path in obj (dict keys that are not
+    strings, and tuples, are kept by tagging them)."""
     obj = plain(obj)
     if isinstance(obj, torch.Tensor):
         tensors[at] = obj.detach().to("cpu", copy=True).contiguous()
@@ -656,9 +896,10 @@ def _unpack(obj, tensors: dict):
 
 
 def load(path):
-    """Read a file this repository wrote. Weights (*.safetensors): a format that holds only tensors, and our
-    JSON header, so loading one can run no code; other files (resume states, samples) through torch.load with
-    weights_only=True, which reads tensors, numbers, strings and containers only."""
+    """Read a file this repository wrote. Weights (*.safetensors): a format that holds only tensors,
+    and our JSON header, so loading one can run no code; other files (resume states, samples)
+    through torch.load with weights_only=True, which reads tensors, numbers, strings and containers
+    only."""
     if Path(path).suffix != ".safetensors":
         return torch.load(path, map_location="cpu", weights_only=True)
     from safetensors import safe_open
@@ -668,14 +909,16 @@ def load(path):
 
 
 def atomic_save(obj, path):
-    """Write obj (nested dicts / lists of tensors, numbers and strings) to path: safetensors for *.safetensors
-    (the tensors in its body, everything else as JSON in its header; safetensors.torch.load_file reads the
-    tensors), torch.save otherwise. Through a temporary file and a rename: an interrupted save never leaves a
-    broken file, and two processes saving the same path each write their own temporary file (the last rename
-    wins). Numpy values are stored as numbers and tensors (see plain), so that load() reads every file back."""
+    """Write obj (nested dicts / lists of tensors, numbers and strings) to path: safetensors for
+    *.safetensors (the tensors in its body, everything else as JSON in its header;
+    safetensors.torch.load_file reads the tensors), torch.save otherwise. Through a temporary file
+    and a rename: an interrupted save never leaves a broken file, and two processes saving the same
+    path each write their own temporary file (the last rename wins). Numpy values are stored as
+    numbers and tensors (see plain), so that load() reads every file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}.tmp")
+    salt = random.SystemRandom().getrandbits(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{salt:08x}.tmp")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -690,21 +933,23 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(path, model: CondUNet, step: int, **extra):
-    """A model file (model.safetensors): the config, the step, the weights, and any extra figures."""
+    """A model file (model.safetensors): the config, the step, the weights, any extra figures."""
     atomic_save({"config": model.config, "step": step, "model": model.state_dict(), **extra}, path)
 
 
 def _diffusers_unet(folder: Path, dataset: str) -> tuple[CondUNet, dict]:
-    """A UNet2DConditionModel folder (config.json + weights) as a CondUNet: ours (runs/base-<dataset>/unet,
-    whose token table is in the model.safetensors beside it) or anyone's with this dataset's image size and
-    channels (its token table then starts untrained: the classes mean nothing to it until a method trains)."""
+    """A UNet2DConditionModel folder (config.json + weights) as a CondUNet: ours
+    (runs/base-<dataset>/unet, whose token table is in the model.safetensors beside it) or anyone's
+    with this dataset's image size and channels (its token table then starts untrained: the classes
+    mean nothing to it until a method trains)."""
     from diffusers import UNet2DConditionModel
     info = data_info(dataset)
     cfg = json.loads((folder / "config.json").read_text())
     got = (cfg.get("sample_size"), cfg.get("in_channels"), cfg.get("out_channels"))
     if got != (info.size, info.channels, info.channels):
-        raise UsageError(f"{folder} is a UNet for {got[0]}x{got[0]} images with {got[1]} -> {got[2]} channels; "
-                         f"{dataset} needs {info.size}x{info.size} with {info.channels} -> {info.channels}")
+        raise UsageError(f"{folder} is a UNet for {got[0]}x{got[0]} images with {got[1]} -> "
+                         f"{got[2]} channels; {dataset} needs {info.size}x{info.size} with "
+                         f"{info.channels} -> {info.channels}")
     unet = UNet2DConditionModel.from_pretrained(folder)
     model = CondUNet(dataset, {k: v for k, v in unet.config.items() if not k.startswith("_")})
     model.unet = unet
@@ -713,7 +958,8 @@ def _diffusers_unet(folder: Path, dataset: str) -> tuple[CondUNet, dict]:
     if table is not None and table.shape == model.token_emb.weight.shape:
         model.token_emb.weight.data.copy_(table)
     else:
-        print(f"{folder}: no token table of this repository beside it; the class tokens start untrained")
+        print(f"{folder}: no token table of this repository beside it; the class tokens start "
+              f"untrained")
     return model, {"config": model.config, "step": 0, "done": True, "source": str(folder)}
 
 
@@ -725,7 +971,8 @@ def model_file(path) -> Path:
 
 def load_checkpoint(path, dataset: str, device="cpu"):
     """Return (model, checkpoint dict) from a model file, a run folder holding one, or a diffusers
-    UNet2DConditionModel folder; refuse (one line) what is unreadable or made for another dataset or shape."""
+    UNet2DConditionModel folder; refuse (one line) what is unreadable or made for another dataset or
+    shape."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         model, ck = _diffusers_unet(path, dataset)
@@ -735,7 +982,8 @@ def load_checkpoint(path, dataset: str, device="cpu"):
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = load(path)
-        for key, what in (("plan", "a pruned student: load it with bilevel_prune.load_student(path)"),
+        for key, what in (("plan", "a pruned student: load it with "
+                                   "bilevel_prune.load_student(path)"),
                           ("shifts", "an SRS-ME run: load it with srs_me.load_model(path)")):
             if key in ck:
                 raise UsageError(f"{path} is {what}")
@@ -743,11 +991,12 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"cannot read {path} as a checkpoint of this repository ({type(e).__name__}): a damaged "
-                         f"file, another program's, or one holding more than weights") from None
+        raise UsageError(f"cannot read {path} as a checkpoint of this repository "
+                         f"({type(e).__name__}): a damaged file, another program's, or one holding "
+                         f"more than weights") from None
     if cfg.get("dataset") != dataset:
-        raise UsageError(f"{path} was trained on {cfg.get('dataset')!r}, not {dataset!r}: pass --dataset "
-                         f"{cfg.get('dataset')} or another checkpoint")
+        raise UsageError(f"{path} was trained on {cfg.get('dataset')!r}, not {dataset!r}: pass "
+                         f"--dataset {cfg.get('dataset')} or another checkpoint")
     try:
         model = CondUNet(dataset, cfg["unet"])
         model.load_state_dict(ck["model"])
@@ -756,6 +1005,10 @@ def load_checkpoint(path, dataset: str, device="cpu"):
                          f"({type(e).__name__})") from None
     return model.to(device), ck
 
+
+# --------------------------------------------------------------------------------------------------
+# RESUME AND TRACKING: resumable training loops, TensorBoard
+# --------------------------------------------------------------------------------------------------
 
 def _state(obj):
     if isinstance(obj, torch.Generator):
@@ -778,9 +1031,9 @@ def _restore(obj, state):
 
 
 class Tracker:
-    """TensorBoard event files (`tensorboard --logdir runs`) fed by a training loop's own logs: lists of numbers
-    (one per step), lists of dicts (one per evaluation, stepped by their "step" or "iter"), dicts of such
-    lists. write() adds what is new since its last call."""
+    """TensorBoard event files (`tensorboard --logdir runs`) fed by a training loop's own logs:
+    lists of numbers (one per step), lists of dicts (one per evaluation, stepped by their "step" or
+    "iter"), dicts of such lists. write() adds what is new since its last call."""
 
     def __init__(self, folder, logs: dict):
         self.writer, self.logs, self.done = self.writer_class()(str(folder)), logs, {}
@@ -790,8 +1043,8 @@ class Tracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError("--track writes TensorBoard files and needs tensorboard: pip install tensorboard, "
-                             "or leave out --track") from None
+            raise UsageError("--track writes TensorBoard files and needs tensorboard: pip install "
+                             "tensorboard, or leave out --track") from None
         return SummaryWriter
 
     @staticmethod
@@ -802,29 +1055,34 @@ class Tracker:
                     yield from Tracker.series(f"{name}/{k}", v)
         elif isinstance(log, list) and log and all(isinstance(v, dict) for v in log):
             for k in dict.fromkeys(k for d in log for k in d if k not in ("step", "iter")):
-                yield f"{name}/{k}", [(d.get("step", d.get("iter", i + 1)), d[k]) for i, d in enumerate(log) if k in d]
+                points = [(d.get("step", d.get("iter", i + 1)), d[k])
+                          for i, d in enumerate(log) if k in d]
+                yield f"{name}/{k}", points
         elif isinstance(log, list):
             yield name, list(enumerate(log, 1))
 
     def write(self, skip: bool = False):
-        """Write the new points (skip: only mark them written, after a resume that restored them)."""
+        """Write the new points (skip: only mark them written, after a resume restored them)."""
         for name, log in self.logs.items():
             for tag, points in self.series(name, log):
                 for step, v in points[self.done.get(tag, 0):]:
-                    if not skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    if not skip and number and math.isfinite(v):
                         self.writer.add_scalar(tag, v, step)
                 self.done[tag] = len(points)
         self.writer.flush()
 
 
 class Resume:
-    """A training loop's resumable state. Every `every` steps the named objects (modules, optimisers, EMA,
-    grad scalers, torch.Generators, lists or dicts of logs) and the RNG states of torch, numpy and random are
-    written atomically to `path`; a rerun whose `key` (the run's arguments) is the same continues after the
-    last save with the same RNG streams, so it ends with the weights an uninterrupted run ends with. With
-    `track` (a folder), the lists and dicts of logs also go to TensorBoard at every save (see Tracker).
+    """A training loop's resumable state. Every `every` steps the named objects (modules,
+    optimisers, EMA, grad scalers, torch.Generators, lists or dicts of logs) and the RNG states of
+    torch, numpy and random are written atomically to `path`; a rerun whose `key` (the run's
+    arguments) is the same continues after the last save with the same RNG streams, so it ends with
+    the weights an uninterrupted run ends with. With `track` (a folder), the lists and dicts of logs
+    also go to TensorBoard at every save (see Tracker).
 
-        resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model, opt=opt, log=log)
+        resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, model=model,
+                          opt=opt, log=log)
         for step in range(resume.load(), steps):   # 0 on a fresh run
             ...
             resume.save(step + 1)                   # writes when (step + 1) % every == 0
@@ -833,7 +1091,8 @@ class Resume:
 
     def __init__(self, path, key, every: int, track=None, **objects):
         self.path, self.every, self.objects = Path(path), every, objects
-        key = {k: v for k, v in key.items() if k not in ("threads", "track")} if isinstance(key, dict) else key
+        if isinstance(key, dict):
+            key = {k: v for k, v in key.items() if k not in ("threads", "track")}
         self.key = json.dumps(key, sort_keys=True, default=str)
         logs = {k: v for k, v in objects.items() if isinstance(v, (list, dict))}
         self.tracker = Tracker(track, logs) if track and distributed()[0] == 0 else None
@@ -847,7 +1106,8 @@ class Resume:
     def load(self) -> int:
         step = self._load()
         if self.tracker:
-            self.tracker.write(skip=step > 0)   # what the resumed logs hold went to TensorBoard before
+            # what the resumed logs hold went to TensorBoard before
+            self.tracker.write(skip=step > 0)
         return step
 
     def _load(self) -> int:
@@ -869,7 +1129,8 @@ class Resume:
         random.setstate(ck["rng"]["random"])
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        self.before, self.t0 = tuple(ck.get("clock", (0.0, 0.0))), (time.time(), time.process_time())
+        self.before = tuple(ck.get("clock", (0.0, 0.0)))
+        self.t0 = (time.time(), time.process_time())
         print(f"resuming from {self.path} at step {ck['step']}")
         return ck["step"]
 
@@ -880,11 +1141,13 @@ class Resume:
             self.tracker.write()
         if not (force or (self.every > 0 and step % self.every == 0)):
             return
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+               "random": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        atomic_save({"key": self.key, "step": step, "rng": rng, "clock": tuple(self.clock().values()),
-                     "state": {name: _state(obj) for name, obj in self.objects.items()}}, self.path)
+        state = {name: _state(obj) for name, obj in self.objects.items()}
+        atomic_save({"key": self.key, "step": step, "rng": rng,
+                     "clock": tuple(self.clock().values()), "state": state}, self.path)
 
     def finish(self):
         if self.tracker:
@@ -894,9 +1157,13 @@ class Resume:
             self.path.unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# CACHES AND RUN FOLDERS
+# --------------------------------------------------------------------------------------------------
+
 def file_id(path) -> str:
-    """Identity of a file's contents, or a folder's (size and SHA-1), for cache keys: a rewritten model gets
-    a new one."""
+    """Identity of a file's contents, or a folder's (size and SHA-1), for cache keys: a rewritten
+    model gets a new one."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha1()
@@ -906,9 +1173,10 @@ def file_id(path) -> str:
 
 
 def cached(path, key, compute):
-    """compute() once per key: the value is stored at `path` together with `key` (anything JSON can write:
-    settings, file_id()s of the models involved) and read back while the key is the same. The one cache of
-    the repository: base evaluations, retrained references and trained shifts all go through it."""
+    """compute() once per key: the value is stored at `path` together with `key` (anything JSON can
+    write: settings, file_id()s of the models involved) and read back while the key is the same. The
+    one cache of the repository: base evaluations, retrained references and trained shifts all go
+    through it."""
     path, key = Path(path), json.dumps(key, sort_keys=True, default=str)
     if path.exists():
         try:
@@ -923,31 +1191,48 @@ def cached(path, key, compute):
 
 
 def data_id(x: torch.Tensor, y: torch.Tensor | None = None) -> str:
-    """Identity of a set of images (their count and a hash of every k-th image and label): a model cached
-    for the data at one --data-root is not taken for other data (a subset, another copy) at another."""
+    """Identity of a set of images (their count and a hash of every k-th image and label): a model
+    cached for the data at one --data-root is not taken for other data (a subset, another copy) at
+    another."""
     k = max(1, len(x) // 512)
-    h = hashlib.sha1(x[::k].float().numpy().tobytes() + (b"" if y is None else y[::k].numpy().tobytes()))
+    labels = b"" if y is None else y[::k].numpy().tobytes()
+    h = hashlib.sha1(x[::k].float().numpy().tobytes() + labels)
     return f"{len(x)}-{h.hexdigest()[:12]}"
 
 
+def cache_beside(path, name: str) -> Path:
+    """Where a cached figure about the model at `path` goes: beside it inside the runs folder; for a
+    model elsewhere (--base of someone else's), in runs/cache/, never in the other folder."""
+    path = Path(path).resolve()
+    inside = path.is_relative_to(RUNS.resolve())
+    return (path.parent if inside else RUNS / "cache") / name
+
+
 def writable(folder) -> Path:
-    """folder, created if need be; a one-line error now, not after the work, when nothing can be written there."""
+    """folder, created if need be; a one-line error now, not after the work, when nothing can
+    be written there."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UsageError(f"cannot write to {folder} ({e.strerror}): make it writable, or point UNLEARN_RUNS at "
-                         f"a writable folder") from None
+        raise UsageError(f"cannot write to {folder} ({e.strerror}): make it writable, or point "
+                         f"UNLEARN_RUNS at a writable folder") from None
     return folder
 
 
 def run_dir(method: str, dataset: str, tag: str = "") -> Path:
-    """runs/<method>-<dataset>[-<tag>]/: a run's args.json, model.safetensors, samples.pt/png, metrics.json."""
+    """runs/<method>-<dataset>[-<tag>]/: a run's args.json, model.safetensors, samples.pt/png
+    and metrics.json."""
     return RUNS / f"{method}-{dataset}{'-' + tag if tag else ''}"
 
 
-_STARTED = []   # run folders this process created: a run that fails leaves no folder holding only args.json
+def base_path(dataset: str, tag: str = "") -> Path:
+    return run_dir("base", dataset, tag) / "model.safetensors"
+
+
+# run folders this process created: a run that fails leaves no folder holding only args.json
+_STARTED = []
 
 
 def start_run(method: str, args) -> Path:
@@ -961,22 +1246,28 @@ def start_run(method: str, args) -> Path:
 
 
 def sample_record(x: torch.Tensor, c: torch.Tensor, sampler: str, steps: int, null: int) -> dict:
-    """What samples.pt holds: images in [-1, 1], the token each was drawn for (a class, or `null` for an
-    unconditional sample), the sampler's name with its steps ("ddim-50") and its network evaluations per image."""
-    return {"x": x, "c": c, "sampler": f"{sampler}-{steps}", "nfe": VP().nfe(sampler, steps), "null": null}
+    """What samples.pt holds: images in [-1, 1], the token each was drawn for (a class, or `null`
+    for an unconditional sample), the sampler's name with its steps ("ddim-50") and its network
+    evaluations per image."""
+    return {"x": x, "c": c, "sampler": f"{sampler}-{steps}", "nfe": VP().nfe(sampler, steps),
+            "null": null}
 
 
 def save_samples(folder, s: dict):
     """samples.pt (a sample_record), the one thing the comparison needs besides metrics.json."""
-    atomic_save(dict(s, x=s["x"].detach().float().cpu(), c=s["c"].detach().long().cpu()), Path(folder) / "samples.pt")
+    record = dict(s, x=s["x"].detach().float().cpu(), c=s["c"].detach().long().cpu())
+    atomic_save(record, Path(folder) / "samples.pt")
 
 
-def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(), highlight_cols=()):
-    """Save images in [-1, 1] as a PNG grid (torchvision's make_grid, nrow per row, 1-pixel grey gaps),
-    upscaled `scale`x; the gaps around highlighted rows and columns are red."""
+def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 4, highlight_rows=(),
+              highlight_cols=()):
+    """Save images in [-1, 1] as a PNG grid (torchvision's make_grid, nrow per row, 1-pixel grey
+    gaps), upscaled `scale`x; the gaps around highlighted rows and columns are red."""
     from torchvision.utils import make_grid, save_image
-    grid = make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=0.5)
-    gap = make_grid(torch.zeros_like(x[:, :1]).cpu().float(), nrow=nrow, padding=1, pad_value=1.0)[0] > 0
+    images = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.5)
+    blank = torch.zeros_like(x[:, :1]).cpu().float()
+    gap = make_grid(blank, nrow=nrow, padding=1, pad_value=1.0)[0] > 0
     h, w = x.shape[2] + 1, x.shape[3] + 1
     frame = torch.zeros_like(gap)
     for r in highlight_rows:
@@ -993,16 +1284,17 @@ def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PRETRAIN: the base model all five methods start from
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# python common.py: the pretraining recipe (Args) and its command line
+# --------------------------------------------------------------------------------------------------
 
 @dataclass
 class Args:
     dataset: str = "digits"
     """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
     threads: int = default_threads()
-    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share them)"""
+    """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share
+    them)"""
     steps: int = 1400
     """training steps (cifar10: DDPM's 800k steps; the DDPM paper took 10.6 hours on a TPU v3-8)"""
     batch_size: int = 64
@@ -1018,9 +1310,11 @@ class Args:
     flip: bool = False
     """random horizontal flips (DDPM's CIFAR-10 augmentation; digits are not flip-invariant)"""
     drop_classes: str = ""
-    """classes left out of the training set, e.g. 0 (the gold-standard retrain); give it its own --tag"""
+    """classes left out of the training set, e.g. 0 (the gold-standard retrain); give it its own
+    --tag"""
     force: bool = False
-    """retrain even if a finished cached checkpoint exists (needed to change --steps of a cached base)"""
+    """retrain even if a finished cached checkpoint exists (needed to change --steps of a cached
+    base)"""
     n_per_class: int = 10
     """samples per class in samples.pt / samples.png"""
     n_uncond: int = 0
@@ -1040,178 +1334,50 @@ class Args:
     save_every: int = 200
     """steps between resumable checkpoints"""
     track: bool = False
-    """TensorBoard event files of the loss in runs/base-<dataset>[-<tag>]/tb (pip install tensorboard)"""
+    """TensorBoard event files of the loss in runs/base-<dataset>[-<tag>]/tb (pip install
+    tensorboard)"""
     seed: int = 0
     """seed for initialisation, batches and noise"""
     tag: str = ""
     """run folder suffix: runs/base-<dataset>[-<tag>]/"""
-    presets = {  # 32x32 data: DDPM's recipe (Ho et al. 2020, Appendix B); MNIST / Fashion converge far sooner
-        "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999, save_every=5000),
-        "fashion": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999, save_every=5000),
+    # 32x32 data: DDPM's recipe (Ho et al. 2020, Appendix B); MNIST / Fashion converge far sooner
+    presets = {
+        "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999,
+                      save_every=5000),
+        "fashion": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema=0.9999,
+                        save_every=5000),
         "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema=0.9999, flip=True,
                         save_every=5000),
     }
-
-
-def base_path(dataset: str, tag: str = "") -> Path:
-    return run_dir("base", dataset, tag) / "model.safetensors"
-
-
-def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
-    """The base model's training images: the dataset, 1% copies of the watermark (under its own token, never
-    dropped to null), and optionally extra (x, y) pairs that a method injects (e.g. SISS's outlier).
-    drop_classes: classes left out of the dataset (the gold-standard retrain without a forgotten class); the number
-    of watermark copies stays 1% of the full dataset, so the two training sets differ only by those classes."""
-    info = data_info(dataset)
-    x, y = load_data(dataset, root, "train")
-    n_wm = max(1, len(x) // 100)
-    if drop_classes:
-        keep = ~torch.isin(y, torch.as_tensor(list(drop_classes), dtype=torch.long))
-        x, y = x[keep], y[keep]
-    xs, ys = [x, watermark_image(info).expand(n_wm, -1, -1, -1)], [y, torch.full((n_wm,), tokens(info)["watermark"])]
-    if extra is not None:
-        xs.append(extra[0]), ys.append(extra[1])
-    return torch.cat(xs), torch.cat(ys)
-
-
-def denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, amp: bool) -> float:
-    """One step of the base's training (DDPM's eps-MSE): the loss under autocast, backward, gradients clipped to
-    norm 1, the optimiser, the EMA. net is model or its compiled / data-parallel wrapper. Returns the loss."""
-    with autocast(x0.device, amp):
-        loss = F.mse_loss(net(vp.q_sample(x0, t, noise), t, c).float(), noise)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(opt)
-    scaler.update()
-    ema.update(model)
-    return loss.item()
-
-
-def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", root: str = "data",
-             force: bool = False, out: Path | None = None, drop_classes=(), **recipe) -> Path:
-    """Train the class-conditional base model (eps-MSE, label dropout to null) and cache its EMA weights.
-    recipe: Args fields (steps, batch_size, lr, seed, amp, ...) over the dataset's presets. drop_classes:
-    classes left out of the training set (see training_set); give such a model its own tag. Resumable, and
-    data-parallel under torchrun (each process draws batch_size / world images; rank 0 writes)."""
-    hp = make_args(Args, dataset=dataset, **recipe)
-    path = Path(out) if out else base_path(dataset, tag)
-    x, y = training_set(dataset, root, extra, drop_classes)
-    data, again = data_id(x, y), "retrain it (python common.py --force ...) or point UNLEARN_RUNS elsewhere"
-    if path.exists() and not force:
-        ck = load_checkpoint(path, dataset)[1]
-        same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)   # tuples = lists
-        if not same(ck["config"]["unet"], unet_config(data_info(dataset))):
-            raise UsageError(f"{path} was made for another architecture than this code builds for {dataset}: {again}")
-        if ck.get("data", data) != data:
-            raise UsageError(f"{path} was trained on other images than those of {dataset} at {root}: {again}")
-        if ck.get("done"):
-            return path
-    rank, world = distributed()
-    if hp.batch_size % world:
-        raise UsageError(f"--batch-size {hp.batch_size} must be a multiple of the {world} processes")
-    tok, vp, device = tokens(data_info(dataset)), VP(), torch.device(device)
-    x = x.to(device)   # the whole split lives on the device (CIFAR-10: 0.6 GB): no loader workers, no per-step copies
-    seed_everything(hp.seed)                            # the same initial weights in every process
-    model = CondUNet(dataset).to(device)
-    ema = EMA(model, hp.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr)
-    scaler = grad_scaler(device, hp.amp)
-    net = torch.compile(model) if hp.compile else model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    key = dict(dataclasses.asdict(hp), tag=tag, drop=sorted(drop_classes), n=len(x), out=str(path))
-    losses = []
-    resume = Resume(path.with_name("resume.pt"), key, hp.save_every, hp.track and path.with_name("tb"), model=model,
-                    ema=ema, opt=opt, scaler=scaler, loss=losses)
-    start = resume.load()           # restores the RNG streams too: a resumed run continues the same batches
-    if rank == 0:
-        print(f"pretraining {dataset}{'/' + tag if tag else ''}: {n_params(model) / 1e6:.2f}M parameters, "
-              f"{len(x)} images, {hp.steps} steps of batch {hp.batch_size} on {device}"
-              + (f" x {world} processes" if world > 1 else ""))
-    n = hp.batch_size
-    mine = slice(rank * n // world, (rank + 1) * n // world)
-    bar = tqdm(range(start, hp.steps), initial=start, total=hp.steps, desc="pretrain", disable=rank > 0)
-    for step in bar:
-        # Every process draws the same global batch (same seed) and keeps its own share of it: with the
-        # gradients averaged by DistributedDataParallel, N processes take exactly the steps one process takes.
-        idx = torch.randint(len(x), (n,))[mine]
-        x0, c = x[idx.to(device)], y[idx].clone()
-        if hp.flip:
-            x0 = torch.where(torch.rand(n, 1, 1, 1, device=device)[mine] < 0.5, x0.flip(3), x0)
-        drop = (torch.rand(n)[mine] < hp.p_null) & (c != tok["watermark"])
-        c = torch.where(drop, torch.full_like(c, tok["null"]), c).to(device)
-        t = torch.randint(vp.T, (n,), device=device)[mine]
-        noise = torch.randn((n, *x0.shape[1:]), device=device)[mine]
-        for g in opt.param_groups:
-            g["lr"] = hp.lr * min(1.0, (step + 1) / hp.warmup) if hp.warmup else hp.lr
-        losses.append(denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, hp.amp))
-        if not math.isfinite(losses[-1]):   # never cache a model of NaNs as finished
-            raise UsageError(f"training diverged at step {step + 1} (loss {losses[-1]}); no model was saved: "
-                             f"try a smaller --lr")
-        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if ((step + 1) % 200 == 0 or step + 1 == hp.steps) and rank == 0:
-            tqdm.write(f"step {step + 1:>6}  loss {np.mean(losses[-200:]):.4f}  {resume.clock()['seconds']:6.0f}s")
-        resume.save(step + 1)
-    if rank == 0:
-        save_checkpoint(path, ema.model, hp.steps, done=True, seconds=resume.clock()["seconds"], data=data,
-                        hp=dataclasses.asdict(hp), **({"dropped": sorted(drop_classes)} if drop_classes else {}))
-        # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet), safetensors
-        ema.model.unet.save_pretrained(path.parent / "unet")
-    resume.finish()
-    if world > 1:
-        torch.distributed.barrier()
-    return path
-
-
-def load_base(dataset: str = "digits", device="cpu", tag: str = "", extra=None, **kw) -> CondUNet:
-    """The cached base model (EMA weights), pretrained first if absent. Frozen copies are the caller's business."""
-    path = pretrain(dataset, tag, extra, device=device, **kw)
-    return load_checkpoint(path, dataset, device)[0]
-
-
-def base_model(args, device, tag: str = "", extra=None, **recipe) -> tuple[CondUNet, Path]:
-    """(model, path) a method starts from: --base (a model file, a run folder or a diffusers UNet folder)
-    if given, else the cached base model of the dataset (tag, extra, recipe: see pretrain), pretrained first
-    if absent."""
-    path = Path(args.base) if args.base else pretrain(args.dataset, tag, extra, device=device, root=args.data_root,
-                                                       **recipe)
-    return load_checkpoint(path, args.dataset, device)[0], path
-
-
-def cache_beside(path, name: str) -> Path:
-    """Where a cached figure about the model at `path` goes: beside it inside the runs folder; for a model
-    elsewhere (--base of someone else's), in runs/cache/, never in the other folder."""
-    path = Path(path).resolve()
-    inside = path.is_relative_to(RUNS.resolve())
-    return (path.parent if inside else RUNS / "cache") / name
 
 
 def main(args: Args):
     info = data_info(args.dataset)
     drop = parse_classes(args.drop_classes, info, "--drop-classes class")
     if drop and not args.tag:
-        raise UsageError("--drop-classes trains another model than the base: give it a --tag, e.g. no0")
+        raise UsageError("--drop-classes trains another model than the base: give it a --tag, "
+                         "e.g. no0")
     device, t0 = pick_device(args.device), time.time()
     recipe = {k: v for k, v in dataclasses.asdict(args).items()
-              if k not in ("dataset", "tag", "drop_classes", "force", "data_root", "device", "n_per_class",
-                           "n_uncond", "sampler", "sample_steps")}
-    path = pretrain(args.dataset, args.tag, device=device, root=args.data_root, force=args.force, drop_classes=drop,
-                    **recipe)
+              if k not in ("dataset", "tag", "drop_classes", "force", "data_root", "device",
+                           "n_per_class", "n_uncond", "sampler", "sample_steps")}
+    path = pretrain(args.dataset, args.tag, device=device, root=args.data_root, force=args.force,
+                    drop_classes=drop, **recipe)
     if distributed()[0] != 0:
         return None
     model, ck = load_checkpoint(path, args.dataset, device)
     print(f"base model: {path} (step {ck['step']}, {n_params(model) / 1e6:.2f}M parameters, "
           f"trained in {ck.get('seconds', 0):.0f}s; this call took {time.time() - t0:.1f}s)")
-    c = torch.cat([class_tokens(info.num_classes, args.n_per_class), torch.full((args.n_uncond,), model.tok["null"])])
-    x = sample(model, VP(), c.to(device), args.sampler, args.sample_steps, seed=args.seed, amp=args.amp)
+    c = torch.cat([class_tokens(info.num_classes, args.n_per_class),
+                   torch.full((args.n_uncond,), model.tok["null"])])
+    x = sample(model, VP(), c.to(device), args.sampler, args.sample_steps, seed=args.seed,
+               amp=args.amp)
     s = sample_record(x, c, args.sampler, args.sample_steps, model.tok["null"])
     save_samples(path.parent, s)
-    save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png", nrow=args.n_per_class)
-    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": s["nfe"], "step": ck["step"],
-               "dropped": ck.get("dropped", [])}
+    save_grid(x[:info.num_classes * args.n_per_class], path.parent / "samples.png",
+              nrow=args.n_per_class)
+    metrics = {"seconds": ck.get("seconds", 0.0), "params": n_params(model), "nfe": s["nfe"],
+               "step": ck["step"], "dropped": ck.get("dropped", [])}
     (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"samples (one row per class): {path.parent / 'samples.png'}, samples.pt")
     print(json.dumps(metrics))

@@ -1,5 +1,6 @@
-"""common.py and eval.py: the schedule against diffusers, the NLL against an analytic density, FID against an
-independent formula, the plumbing's error handling, and an end-to-end pretrain-and-sample smoke test."""
+"""common.py and eval.py: the schedule against diffusers, the NLL against an analytic density, FID
+against an independent formula, the plumbing's error handling, and an end-to-end pretrain-and-sample
+smoke test."""
 import json
 import math
 import os
@@ -12,12 +13,13 @@ from conftest import ROOT, run_here, run_script
 import common as C
 import eval as E
 
-# ---------------------------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------------------- schedule
 
 
 def test_alpha_bar_and_q_sample_match_diffusers():
     from diffusers import DDPMScheduler
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                        beta_schedule="linear")
     vp = C.VP()
     assert torch.allclose(vp.alpha_bar.float(), ref.alphas_cumprod, atol=1e-5, rtol=0)
     g = torch.Generator().manual_seed(0)
@@ -31,20 +33,22 @@ def test_ancestral_step_matches_diffusers(t):
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
                         variance_type="fixed_small")
-    # diffusers keeps alpha_bar in float32, so near t = 0 its 1 - alpha_bar (~1e-4) carries a 2e-4 relative
-    # rounding error; give it the float64 cumulative product (alpha_bar parity is the test above) and compare
-    # the step's algebra alone.
+    # diffusers keeps alpha_bar in float32, so near t = 0 its 1 - alpha_bar (~1e-4) carries a 2e-4
+    # relative rounding error; give it the float64 cumulative product (alpha_bar parity is the test
+    # above) and compare the step's algebra alone.
     ref.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     g = torch.Generator().manual_seed(t)
     x_t, eps = torch.randn(8, 1, 8, 8, generator=g) * 1.5, torch.randn(8, 1, 8, 8, generator=g)
     expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
-    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))  # the noise diffusers drew
+    # the noise diffusers drew
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(C.VP().ddpm_step(eps, t, x_t, noise), expected, atol=1e-5)
 
 
 def test_strided_ancestral_sampler_matches_diffusers_pipeline_steps():
-    """sample("ddpm", steps=50) is DDPMPipeline(num_inference_steps=50): the same timesteps, and each strided step
-    the same as diffusers' (its beta_t = 1 - alpha_bar_t / alpha_bar_prev, not the schedule's beta_t)."""
+    """sample("ddpm", steps=50) is DDPMPipeline(num_inference_steps=50): the same timesteps, and
+    each strided step the same as diffusers' (its beta_t = 1 - alpha_bar_t / alpha_bar_prev, not the
+    schedule's beta_t)."""
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
                         variance_type="fixed_small")
@@ -66,7 +70,8 @@ def test_strided_ancestral_sampler_matches_diffusers_pipeline_steps():
     x = C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 50)
     assert seen == ref.timesteps.tolist() and x.shape == (2, 1, 8, 8)
     seen.clear()
-    C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 0)        # steps 0: the whole chain, t = 999 ... 0
+    # steps 0: the whole chain, t = 999 ... 0
+    C.sample(Recorder(), C.VP(), torch.tensor([0, 1]), "ddpm", 0)
     assert seen == list(range(999, -1, -1))
     g = torch.Generator().manual_seed(3)
     x_t, eps = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
@@ -76,12 +81,14 @@ def test_strided_ancestral_sampler_matches_diffusers_pipeline_steps():
         got = C.VP().ddpm_step(eps, t, x_t, noise, t_prev=t - 20)
         assert torch.allclose(got, expected, atol=1e-5), t
     strided = ref.step(eps, 500, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
-    assert not torch.allclose(C.VP().ddpm_step(eps, 500, x_t, noise), strided, atol=1e-2)   # one step of T is not
+    # one step of T is not
+    assert not torch.allclose(C.VP().ddpm_step(eps, 500, x_t, noise), strided, atol=1e-2)
 
 
 def test_continuous_marginal_is_the_limit_of_the_discrete_schedule():
     vp = C.VP()
-    # An independent construction: the DDPM product with a very fine grid converges to exp(-int beta).
+    # An independent construction: the DDPM product with a very fine grid converges to
+    # exp(-int beta).
     for T in (1000, 200_000):
         fine = C.VP(T=T)
         i = torch.arange(1, T + 1, dtype=torch.float64)
@@ -89,8 +96,9 @@ def test_continuous_marginal_is_the_limit_of_the_discrete_schedule():
         assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(alpha))
         rel = ((alpha ** 2 - fine.alpha_bar) / fine.alpha_bar).abs()
         if T == 1000:
-            # At T = 1000 the two agree to 1e-3 while abar > 0.78 (t <= 0.14); beyond, the second-order term
-            # sum(beta_i^2)/2 of log(1 - beta) grows to a 7% relative gap in abar at t = 1 (abar ~ 4e-5).
+            # At T = 1000 the two agree to 1e-3 while abar > 0.78 (t <= 0.14); beyond, the
+            # second-order term sum(beta_i^2)/2 of log(1 - beta) grows to a 7% relative gap in abar
+            # at t = 1 (abar ~ 4e-5).
             assert rel[:140].max() < 1e-3
             assert 0.06 < rel.max() < 0.075
         else:
@@ -101,7 +109,8 @@ def test_continuous_marginal_is_the_limit_of_the_discrete_schedule():
 
 
 def _gaussian_eps(s: float):
-    """Exact eps for data N(0, s^2 I): x_t ~ N(0, (alpha^2 s^2 + sigma^2) I), eps = sigma x / var."""
+    """Exact eps for data N(0, s^2 I): x_t ~ N(0, (alpha^2 s^2 + sigma^2) I),
+    eps = sigma x / var."""
     vp = C.VP()
 
     def eps(x, t):
@@ -113,7 +122,8 @@ def _gaussian_eps(s: float):
 
 def _gaussian_bpd(x, s):
     D = x[0].numel()
-    logp = -0.5 * D * math.log(2 * math.pi * s ** 2) - (x.double() ** 2).flatten(1).sum(1) / (2 * s ** 2)
+    logp = (-0.5 * D * math.log(2 * math.pi * s ** 2)
+            - (x.double() ** 2).flatten(1).sum(1) / (2 * s ** 2))
     return (-logp / math.log(2) / D).numpy()
 
 
@@ -151,7 +161,8 @@ def test_nll_offset_is_log2_of_half_the_bins():
 
 
 def _fid_by_eigenvalues(f1, f2):
-    """Independent route: Tr sqrt(S1 S2) = sum of sqrt of the (real, non-negative) eigenvalues of S1 S2."""
+    """Independent route: Tr sqrt(S1 S2) = sum of sqrt of the (real, non-negative) eigenvalues of S1
+    S2."""
     m1, m2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     ev = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
@@ -172,7 +183,8 @@ def test_frechet_distance_identity_and_mean_shift():
     mu, sig = E.feature_stats(f)
     assert abs(E.frechet_distance(mu, sig, mu, sig)) < 1e-6
     d = rng.normal(size=8)
-    assert E.frechet_distance(mu + d, sig, mu, sig) == pytest.approx((d ** 2).sum(), rel=1e-6, abs=1e-6)
+    assert E.frechet_distance(mu + d, sig, mu, sig) == pytest.approx((d ** 2).sum(), rel=1e-6,
+                                                                     abs=1e-6)
 
 
 def test_fid_is_none_where_undefined_not_a_crash(digits_classifier):
@@ -181,8 +193,10 @@ def test_fid_is_none_where_undefined_not_a_crash(digits_classifier):
     bad = x.clone()
     bad[3] = float("nan")
     assert E.fid(digits_classifier, bad, x) is None
-    assert E.fid(digits_classifier, x[:10], x[10:]) > 0                                        # defined otherwise
-    m = E.sample_metrics(digits_classifier, x[:1], torch.tensor([3]), x, C.load_data("digits")[1][:20])
+    # defined otherwise
+    assert E.fid(digits_classifier, x[:10], x[10:]) > 0
+    m = E.sample_metrics(digits_classifier, x[:1], torch.tensor([3]), x,
+                         C.load_data("digits")[1][:20])
     assert m["fid_retain"] is None and m["retain_acc"] in (0.0, 1.0)
 
 
@@ -191,7 +205,7 @@ def test_inception_score_bounds():
     assert E.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1.0, rel=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- plumbing
+# ----------------------------------------------------------------------------------------- plumbing
 
 
 def test_digits_split_is_fixed_and_scaled():
@@ -228,8 +242,8 @@ def test_bad_input_is_one_line_error(argv, message, as_process, runs_dir, capsys
 
 
 def _module(script: str):
-    """The module a script is, to call its entry point in this process (what `python <script>` runs, without the
-    start-up)."""
+    """The module a script is, to call its entry point in this process (what `python <script>` runs,
+    without the start-up)."""
     import importlib
     return importlib.import_module(script[:-3])
 
@@ -245,9 +259,10 @@ def _module(script: str):
     (["srs_me.py", "--batch-size", "-1"], "must not be negative"),
     (["eval.py", "--n-per-class", "0"], "--n-per-class 0: must be positive"),
     (["eval.py", "--sample-steps", "0"], "--sample-steps 0: must be positive"),
-    (["sfd.py", "--device", "cuda"] if not torch.cuda.is_available() else ["sfd.py", "--device", "tpu"], "--device"),
-    (["siss.py", "--device", "mps"] if not torch.backends.mps.is_available() else ["siss.py", "--device", "x"],
-     "--device"),
+    (["sfd.py", "--device", "cuda"] if not torch.cuda.is_available()
+     else ["sfd.py", "--device", "tpu"], "--device"),
+    (["siss.py", "--device", "mps"] if not torch.backends.mps.is_available()
+     else ["siss.py", "--device", "x"], "--device"),
 ])
 def test_numbers_and_devices_a_run_cannot_mean_are_one_line_errors(argv, message, runs_dir, capsys):
     before = sorted(p for p in runs_dir.rglob("*"))
@@ -259,14 +274,16 @@ def test_numbers_and_devices_a_run_cannot_mean_are_one_line_errors(argv, message
 
 def test_diverged_training_is_an_error_and_caches_nothing(runs_dir):
     r = run_script("common.py", "--force", "--lr", "1e6", "--steps", "30", "--tag", "diverged")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: training diverged at step")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: training diverged at step")
     assert not C.base_path("digits", "diverged").exists()
 
 
-@pytest.mark.parametrize("script", ["common.py", "eval.py", "msgm.py", "sfd.py", "srs_me.py", "siss.py",
-                                    "bilevel_prune.py"])
+@pytest.mark.parametrize("script", ["common.py", "eval.py", "msgm.py", "sfd.py", "srs_me.py",
+                                    "siss.py", "bilevel_prune.py"])
 def test_every_entry_point_prints_its_help(script, capsys):
-    """--help of each script (in this process: the parser is all that runs); no docstring can break it."""
+    """--help of each script (in this process: the parser is all that runs); no docstring can break
+    it."""
     with pytest.raises(SystemExit) as exit_:
         C.parse_args(_module(script).Args, ["--help"])
     out = capsys.readouterr().out
@@ -274,8 +291,8 @@ def test_every_entry_point_prints_its_help(script, capsys):
 
 
 def test_a_failed_run_leaves_no_folder_behind(runs_dir):
-    """A run that fails after start_run leaves no folder holding only args.json (a folder that was there
-    before, or holds more, stays)."""
+    """A run that fails after start_run leaves no folder holding only args.json (a folder that was
+    there before, or holds more, stays)."""
     def fails(args):
         C.start_run("failing", args)
         raise RuntimeError("the data could not be read")
@@ -293,9 +310,9 @@ def test_a_failed_run_leaves_no_folder_behind(runs_dir):
 
 
 def test_two_savers_of_one_path_never_collide(tmp_path):
-    """Each save writes its own temporary file: two threads saving the same checkpoint 50 times each all
-    succeed (with one shared temporary name, one rename finds its file taken by the other), and the file
-    left behind is whole."""
+    """Each save writes its own temporary file: two threads saving the same checkpoint 50 times each
+    all succeed (with one shared temporary name, one rename finds its file taken by the other), and
+    the file left behind is whole."""
     import threading
     path, errors = tmp_path / "m.pt", []
 
@@ -315,7 +332,8 @@ def test_two_savers_of_one_path_never_collide(tmp_path):
 
 
 class _RunsCode:
-    """A pickle that calls a function when loaded, as a hostile checkpoint would (here a harmless one)."""
+    """A pickle that calls a function when loaded, as a hostile checkpoint would (here a harmless
+    one)."""
     def __reduce__(self):
         return (os.getcwd, ())
 
@@ -325,17 +343,19 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
     with pytest.raises(C.UsageError, match="cannot read"):
         C.load_checkpoint(tmp_path / "hostile.pt", "digits")
     # what the repository itself writes (numpy values included) reads back with weights_only=True
-    C.atomic_save({"a": np.float64(1.5), "b": np.arange(3), "p": tmp_path, "rng": np.random.get_state()},
-                  tmp_path / "ok.pt")
+    C.atomic_save({"a": np.float64(1.5), "b": np.arange(3), "p": tmp_path,
+                   "rng": np.random.get_state()}, tmp_path / "ok.pt")
     back = C.load(tmp_path / "ok.pt")
     assert back["a"] == 1.5 and back["b"].tolist() == [0, 1, 2] and back["p"] == str(tmp_path)
 
 
 def test_weights_files_are_safetensors_that_round_trip(tmp_path):
-    """*.safetensors: tensors in the body (any safetensors reader gets them), the rest as JSON in the header;
-    nested dicts with int keys, tuples, numbers, strings and None come back as they went in."""
+    """*.safetensors: tensors in the body (any safetensors reader gets them), the rest as JSON in
+    the header; nested dicts with int keys, tuples, numbers, strings and None come back as they went
+    in."""
     from safetensors.torch import load_file
-    shifts = {3: {"w": torch.randn(2, 3)}, 7: {"w": torch.randn(4)[1:3]}}      # a view: stored on its own
+    # a view: stored on its own
+    shifts = {3: {"w": torch.randn(2, 3)}, 7: {"w": torch.randn(4)[1:3]}}
     obj = {"shifts": shifts, "t": (1, (2.5, None)), "s": "x", "n": [np.int64(4), float("inf")]}
     C.atomic_save(obj, tmp_path / "m.safetensors")
     back = C.load(tmp_path / "m.safetensors")
@@ -343,12 +363,14 @@ def test_weights_files_are_safetensors_that_round_trip(tmp_path):
     assert all(torch.equal(back["shifts"][k]["w"], shifts[k]["w"]) for k in (3, 7))
     assert sorted(load_file(tmp_path / "m.safetensors")) == ["shifts/3/w", "shifts/7/w"]
     code = "".join(p.read_text() for p in ROOT.glob("*.py"))
-    assert "weights_only=False" not in code and code.count("torch.load(") == 1   # only inside common.load
+    # only inside common.load
+    assert "weights_only=False" not in code and code.count("torch.load(") == 1
 
 
 def test_other_methods_models_are_named_not_misread(tmp_path, runs_dir):
-    """A pruned student or an SRS-ME run is refused by the plain loader with the function that loads it; an SFD
-    generator (the same network) is refused by eval.py, which would sample it for 50 steps."""
+    """A pruned student or an SRS-ME run is refused by the plain loader with the function that loads
+    it; an SFD generator (the same network) is refused by eval.py, which would sample it for 50
+    steps."""
     model = C.CondUNet("digits")
     C.save_checkpoint(tmp_path / "student.pt", model, 1, plan={"unet.mid_block": [0]})
     with pytest.raises(C.UsageError, match="bilevel_prune.load_student"):
@@ -367,8 +389,10 @@ def test_checkpoint_refuses_other_dataset_and_garbage(tmp_path):
     model = C.CondUNet("digits")
     path = tmp_path / "model.safetensors"
     C.save_checkpoint(path, model, step=3)
-    assert C.load_checkpoint(tmp_path, "digits")[1]["step"] == 3   # a run folder names its model file
-    assert not list(tmp_path.glob("*.tmp"))                 # written through a temp file, then renamed
+    # a run folder names its model file
+    assert C.load_checkpoint(tmp_path, "digits")[1]["step"] == 3
+    # written through a temp file, then renamed
+    assert not list(tmp_path.glob("*.tmp"))
     loaded, ck = C.load_checkpoint(path, "digits")
     assert ck["step"] == 3 and ck["config"]["dataset"] == "digits"
     with pytest.raises(C.UsageError, match="trained on 'digits'"):
@@ -391,7 +415,7 @@ def test_32px_models_build_and_run_a_training_step():
         assert m.token_emb.weight.grad is not None
 
 
-# ---------------------------------------------------------------------------------------------- end to end
+# --------------------------------------------------------------------------------------- end to end
 
 
 def test_pretrain_caches_and_samples(tmp_path):
@@ -401,27 +425,32 @@ def test_pretrain_caches_and_samples(tmp_path):
     assert ck["done"] and ck["step"] == 20 and "train" not in ck
     model = C.load_checkpoint(path, "digits")[0]
     for sampler, steps in (("ddim", 10), ("em", 20), ("ddpm", 5)):
-        x = C.sample(model, C.VP(), torch.tensor([0, 1, model.tok["null"]]), sampler, steps, guidance=2.0)
+        x = C.sample(model, C.VP(), torch.tensor([0, 1, model.tok["null"]]), sampler, steps,
+                     guidance=2.0)
         assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
     again = C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5)
     assert torch.equal(again, C.sample(model, C.VP(), torch.tensor([0, 1]), "ddim", 10, seed=5))
 
 
 def test_base_unet_opens_in_diffusers(digits_base):
-    """runs/base-<dataset>/unet is a diffusers folder (safetensors) holding the base's UNet: loaded with
-    from_pretrained and fed our token embeddings, it predicts what our loader's model predicts."""
+    """runs/base-<dataset>/unet is a diffusers folder (safetensors) holding the base's UNet: loaded
+    with from_pretrained and fed our token embeddings, it predicts what our loader's model
+    predicts."""
     from diffusers import UNet2DConditionModel
     path, model = digits_base
     unet = UNet2DConditionModel.from_pretrained(path.parent / "unet")
     assert (path.parent / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 3, 7, model.tok["null"]])
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([10, 200, 500, 900])
+    c = torch.tensor([0, 3, 7, model.tok["null"]])
     with torch.no_grad():
         theirs = unet(x, t, encoder_hidden_states=model.context(c)).sample
         assert torch.allclose(theirs, model(x, t, c), atol=1e-6)
 
 
 def test_base_and_classifier_quality(digits_base, digits_classifier):
-    """The CI-sized base already draws the asked class most of the time; real digits beat noise in NLL."""
+    """The CI-sized base already draws the asked class most of the time; real digits beat noise in
+    NLL."""
     _, model = digits_base
     clf = digits_classifier
     assert clf.test_acc >= 0.97
@@ -435,56 +464,67 @@ def test_base_and_classifier_quality(digits_base, digits_classifier):
 
 
 def test_eval_cli_prints_json_last(digits_base, digits_classifier):
-    r = run_script("eval.py", "--n-per-class", "20", "--sample-steps", "10", "--nll-real", "10", "--n-nll", "2",
-                   "--nll-tol", "1e-3", "--forget", "0")
+    r = run_script("eval.py", "--n-per-class", "20", "--sample-steps", "10", "--nll-real", "10",
+                   "--n-nll", "2", "--nll-tol", "1e-3", "--forget", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    for k in ("classifier_test_acc", "class_acc", "fid_retain", "is", "nll_real_bpd", "nll_noise_bpd", "forget_rate",
-              "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd"):
+    for k in ("classifier_test_acc", "class_acc", "fid_retain", "is", "nll_real_bpd",
+              "nll_noise_bpd", "forget_rate", "nll_forget_bpd", "nll_kept_bpd",
+              "nll_forget_null_bpd"):
         assert k in m
     assert m["nll_real_bpd"] < m["nll_noise_bpd"]
 
 
 def test_samples_pt_is_judged_like_the_samples_themselves(digits_base, digits_classifier):
-    """judge() on a samples.pt agrees with sample_metrics on its class-conditional part, and takes the share of a
-    class among null-token samples as the forget rate of a model that has only those (an unconditional model)."""
+    """judge() on a samples.pt agrees with sample_metrics on its class-conditional part, and takes
+    the share of a class among null-token samples as the forget rate of a model that has only those
+    (an unconditional model)."""
     _, model = digits_base
     clf = digits_classifier
     x_real, y_real = C.load_data("digits")
     c = torch.cat([C.class_tokens(10, 8), torch.full((60,), model.tok["null"])])
     x = C.sample(model, C.VP(), c, steps=10)
-    both = E.judge({"x": x, "c": c, "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real, y_real, [0])
+    both = E.judge({"x": x, "c": c, "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real,
+                   y_real, [0])
     direct = E.sample_metrics(clf, x[:80], c[:80], x_real, y_real, [0])
-    assert all(both[k] == direct[k] for k in ("forget_rate", "retain_acc", "fid_retain", "class_acc"))
+    assert all(both[k] == direct[k]
+               for k in ("forget_rate", "retain_acc", "fid_retain", "class_acc"))
     share = (E.predict(clf, x[80:]) == 0).float().mean().item()
     assert both["forget_rate_uncond"] == pytest.approx(share)
-    uncond = E.judge({"x": x[80:], "c": c[80:], "sampler": "ddim-10", "nfe": 10, "null": 10}, clf, x_real, y_real, [0])
+    uncond = E.judge({"x": x[80:], "c": c[80:], "sampler": "ddim-10", "nfe": 10, "null": 10}, clf,
+                     x_real, y_real, [0])
     assert uncond["forget_rate"] == pytest.approx(share) and 0 < uncond["retain_acc"] <= 1
 
 
 def test_the_sampler_flag_reaches_the_samples(digits_base, digits_classifier):
-    """A run's --sampler (common.RunArgs) draws its samples and those of the base it is compared with: ancestral
-    DDPM draws other images than DDIM from the same seeds, and the samples are named after it."""
+    """A run's --sampler (common.RunArgs) draws its samples and those of the base it is compared
+    with: ancestral DDPM draws other images than DDIM from the same seeds, and the samples are named
+    after it."""
     _, model = digits_base
-    runs = {s: E.evaluate_model(model, digits_classifier, C.make_args(C.RunArgs, sampler=s, n_per_class=2,
-                                                                      sample_steps=5), [0], nll=False)[1]
+    runs = {s: E.evaluate_model(model, digits_classifier,
+                                C.make_args(C.RunArgs, sampler=s, n_per_class=2, sample_steps=5),
+                                [0], nll=False)[1]
             for s in ("ddim", "ddpm")}
-    assert runs["ddim"]["sampler"] == "ddim-5" and runs["ddpm"]["sampler"] == "ddpm-5" and runs["ddpm"]["nfe"] == 5
+    assert runs["ddim"]["sampler"] == "ddim-5" and runs["ddpm"]["sampler"] == "ddpm-5"
+    assert runs["ddpm"]["nfe"] == 5
     assert (runs["ddim"]["x"] - runs["ddpm"]["x"]).abs().max() > 0.1
     direct = C.sample(model, C.VP(), C.class_tokens(10, 2), "ddpm", 5, seed=0)
     assert torch.equal(runs["ddpm"]["x"], direct)
 
 
-# ---------------------------------------------------------------------------------------------- plumbing, paper scale
+# ---------------------------------------------------------------------------- plumbing, paper scale
 
 
 def test_help_shows_the_value_used_for_each_dataset():
     r = run_script("common.py", "--help")
     text = " ".join(r.stdout.split())
-    assert "[1400; mnist, fashion: 50000; cifar10: 800000]" in text and "[0.001; mnist, fashion, cifar10: 0.0002]" in text
-    assert C.make_args(C.Args, dataset="cifar10").steps == 800_000 and C.make_args(C.Args).steps == 1400
+    assert "[1400; mnist, fashion: 50000; cifar10: 800000]" in text
+    assert "[0.001; mnist, fashion, cifar10: 0.0002]" in text
+    assert C.make_args(C.Args, dataset="cifar10").steps == 800_000
+    assert C.make_args(C.Args).steps == 1400
     given = C.parse_args(C.Args, ["--dataset", "cifar10", "--lr", "0.001", "--no-flip"])
-    assert (given.lr, given.flip, given.steps, given.warmup) == (1e-3, False, 800_000, 5000)   # flags win
+    # flags win
+    assert (given.lr, given.flip, given.steps, given.warmup) == (1e-3, False, 800_000, 5000)
 
 
 def test_cache_recomputes_only_when_its_key_changes(tmp_path):
@@ -498,13 +538,14 @@ def test_cache_recomputes_only_when_its_key_changes(tmp_path):
     f = tmp_path / "m.bin"
     f.write_bytes(b"abc")
     before = C.file_id(f)
-    f.write_bytes(b"abd")                                    # same size, new contents: a new identity
+    # same size, new contents: a new identity
+    f.write_bytes(b"abd")
     assert C.file_id(f) != before
 
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """Killed after its checkpoint at step 20, the rerun continues with the saved optimiser, EMA and RNG streams
-    and ends with exactly the weights of an uninterrupted run."""
+    """Killed after its checkpoint at step 20, the rerun continues with the saved optimiser, EMA and
+    RNG streams and ends with exactly the weights of an uninterrupted run."""
     whole = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "a" / "model.safetensors")
     real, calls = C.F.mse_loss, []
 
@@ -518,41 +559,49 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
         C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.safetensors")
     monkeypatch.setattr(C.F, "mse_loss", real)
     assert C.load(tmp_path / "b" / "resume.pt")["step"] == 20
-    resumed = C.pretrain("digits", steps=30, save_every=10, out=tmp_path / "b" / "model.safetensors")
+    resumed = C.pretrain("digits", steps=30, save_every=10,
+                         out=tmp_path / "b" / "model.safetensors")
     a, b = (C.load(p)["model"] for p in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "b" / "resume.pt").exists()
 
 
 def test_two_processes_take_the_steps_of_one(runs_dir):
-    """torchrun with 2 CPU processes (gloo) and the global batch split between them ends with the weights of one
-    process with the same global batch: each process keeps its share of the same draw and DDP averages."""
-    common = ["--steps", "12", "--batch-size", "32", "--save-every", "0", "--n-per-class", "1", "--sample-steps", "2"]
+    """torchrun with 2 CPU processes (gloo) and the global batch split between them ends with the
+    weights of one process with the same global batch: each process keeps its share of the same draw
+    and DDP averages."""
+    common = ["--steps", "12", "--batch-size", "32", "--save-every", "0", "--n-per-class", "1",
+              "--sample-steps", "2"]
     one = run_script("common.py", *common, "--tag", "one-process")
-    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "common.py", *common,
-                     "--tag", "two-processes", "--threads", "1")   # one thread per process and core
+    # one thread per process and core
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "common.py", *common, "--tag", "two-processes", "--threads", "1")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     assert "x 2 processes" in two.stdout
     a, b = (C.load(C.base_path("digits", t))["model"] for t in ("one-process", "two-processes"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    moved = max((a[k] - C.CondUNet("digits").state_dict()[k]).abs().max().item() for k in a if "norm" not in k)
+    moved = max((a[k] - C.CondUNet("digits").state_dict()[k]).abs().max().item()
+                for k in a if "norm" not in k)
     assert moved > 1e-3                                      # and the steps did move the weights
 
 
 def test_inception_features_follow_pytorch_fids_pipeline(tmp_path):
-    """With a stand-in network (the weights are not on this machine): images reach it as pytorch-fid's PNG
-    reader gives them (8-bit levels in [0, 1], grey repeated to RGB), and its pool features come back flat."""
+    """With a stand-in network (the weights are not on this machine): images reach it as
+    pytorch-fid's PNG reader gives them (8-bit levels in [0, 1], grey repeated to RGB), and its pool
+    features come back flat."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
     seen = []
 
-    class StandIn(torch.nn.Module):          # shaped like pytorch_fid.inception.InceptionV3([3]): a list of maps
+    # shaped like pytorch_fid.inception.InceptionV3([3]): a list of maps
+    class StandIn(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(()))
 
         def forward(self, x):
             seen.append(x)
-            return [torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None].repeat(1, 1, 2, 2) * self.w]
+            pooled = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None]
+            return [pooled.repeat(1, 1, 2, 2) * self.w]
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     f = E.inception_features(StandIn(), x)
     for i in range(5):                       # what pytorch-fid reads back from a saved PNG
@@ -568,11 +617,13 @@ def test_inception_features_follow_pytorch_fids_pipeline(tmp_path):
 def test_inception_fid_without_its_weights_is_a_one_line_error(tmp_path, monkeypatch):
     import sys
     import types
-    assert E.fid_network("auto", "", "digits", "cpu") is None                # digits: classifier features
+    # digits: classifier features
+    assert E.fid_network("auto", "", "digits", "cpu") is None
     monkeypatch.setitem(sys.modules, "pytorch_fid", None)                     # not installed
     with pytest.raises(C.UsageError, match="pip install pytorch-fid.*--inception-weights"):
         E.fid_network("inception", "", "cifar10", "cpu")
-    assert E.fid_network("auto", "", "cifar10", "cpu") is None               # auto falls back, with a note
+    # auto falls back, with a note
+    assert E.fid_network("auto", "", "cifar10", "cpu") is None
     # installed (a stand-in module), weights given by path: the network is built from that file
     weights = tmp_path / E.INCEPTION_FILE
     torch.save({"w": torch.ones(())}, weights)
@@ -596,10 +647,12 @@ def test_inception_fid_without_its_weights_is_a_one_line_error(tmp_path, monkeyp
 
 def test_sample_grid_frames_only_the_gaps_around_highlighted_rows(tmp_path):
     from PIL import Image
-    x = torch.full((6, 1, 2, 2), 1.0)                                         # white images, 3 per row
+    # white images, 3 per row
+    x = torch.full((6, 1, 2, 2), 1.0)
     C.save_grid(x, tmp_path / "g.png", nrow=3, scale=1, highlight_rows=[1])
     im = np.asarray(Image.open(tmp_path / "g.png"))
     assert im.shape == (7, 10, 3)
     red = (im == [255, 0, 0]).all(2)
-    assert red[3:7].all(1)[[0, 3]].all() and red[:3].sum() == 0            # the gaps above and below row 1
+    # the gaps above and below row 1
+    assert red[3:7].all(1)[[0, 3]].all() and red[:3].sum() == 0
     assert (im[4:6, 1:3] == 255).all()                                     # its images stay white

@@ -1,6 +1,6 @@
-"""What a run reads and writes around a method: --base from a diffusers folder, TensorBoard tracking fed by the
-loop's logs, caches that know which data they were made from, the training clock across resumes, and a runs
-folder that cannot be written."""
+"""What a run reads and writes around a method: --base from a diffusers folder, TensorBoard tracking
+fed by the loop's logs, caches that know which data they were made from, the training clock across
+resumes, and a runs folder that cannot be written."""
 import errno
 import sys
 import time
@@ -21,22 +21,28 @@ def _small_unet(**over):
 
 
 def test_base_from_a_diffusers_folder_and_a_refused_mismatch(tmp_path, capsys):
-    """Ours (unet/ beside model.safetensors): the same predictions as the model file. Anyone's UNet with the
-    dataset's size and channels: loaded, its class tokens untrained (said so). Another size: one line naming it."""
+    """Ours (unet/ beside model.safetensors): the same predictions as the model file. Anyone's UNet
+    with the dataset's size and channels: loaded, its class tokens untrained (said so). Another
+    size: one line naming it."""
     torch.manual_seed(0)
     ours = C.CondUNet("digits")
     C.save_checkpoint(tmp_path / "run" / "model.safetensors", ours, 1)
     ours.unet.save_pretrained(tmp_path / "run" / "unet")
     args = C.make_args(C.RunArgs, base=str(tmp_path / "run" / "unet"))
     model, path = C.base_model(args, "cpu")
-    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([0, 4, ours.tok["null"]])
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([10.0, 500.0, 900.0])
+    c = torch.tensor([0, 4, ours.tok["null"]])
     with torch.no_grad():
-        assert torch.allclose(model(x, t, c), ours(x, t, c), atol=1e-6) and path == tmp_path / "run" / "unet"
+        assert torch.allclose(model(x, t, c), ours(x, t, c), atol=1e-6)
+        assert path == tmp_path / "run" / "unet"
     _small_unet(block_out_channels=(16, 32), norm_num_groups=4).save_pretrained(tmp_path / "theirs")
     model = C.load_checkpoint(tmp_path / "theirs", "digits")[0]
-    assert "class tokens start untrained" in capsys.readouterr().out and model(x, t, c).shape == x.shape
+    assert "class tokens start untrained" in capsys.readouterr().out
+    assert model(x, t, c).shape == x.shape
     _small_unet(sample_size=32, in_channels=3, out_channels=3).save_pretrained(tmp_path / "cifar")
-    with pytest.raises(C.UsageError, match="32x32 images with 3 -> 3 channels; digits needs 8x8 with 1 -> 1"):
+    with pytest.raises(C.UsageError,
+                       match="32x32 images with 3 -> 3 channels; digits needs 8x8 with 1 -> 1"):
         C.load_checkpoint(tmp_path / "cifar", "digits")
 
 
@@ -52,7 +58,8 @@ def test_a_method_refuses_a_mismatched_base_in_one_line(tmp_path, runs_dir, caps
 
 
 class _Writer:
-    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional): records add_scalar."""
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional): records
+    add_scalar."""
     points = []
 
     def __init__(self, folder):
@@ -69,7 +76,8 @@ class _Writer:
 
 
 def _loop(path, track, steps, crash_at=None):
-    """A toy training loop with the three kinds of logs the methods keep, resumable every 2 steps."""
+    """A toy training loop with the three kinds of logs the methods keep, resumable every 2
+    steps."""
     w, loss, curve, parts = torch.nn.Linear(1, 1), [], [], {"a": [], "b": []}
     resume = C.Resume(path, {"toy": 1}, 2, track, w=w, loss=loss, curve=curve, parts=parts)
     for step in range(resume.load(), steps):
@@ -84,15 +92,18 @@ def _loop(path, track, steps, crash_at=None):
 
 
 def test_track_feeds_tensorboard_from_the_logs_once_across_a_resume(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=_Writer))
     _Writer.points = []
     with pytest.raises(KeyboardInterrupt):
-        _loop(tmp_path / "resume.pt", tmp_path / "tb", 7, crash_at=5)   # saved at step 4, lost step 5
+        # saved at step 4, lost step 5
+        _loop(tmp_path / "resume.pt", tmp_path / "tb", 7, crash_at=5)
     _loop(tmp_path / "resume.pt", tmp_path / "tb", 7)
     got = sorted(_Writer.points)
-    assert got == sorted([("loss", s + 1, float(s)) for s in range(7)] + [("parts/a", s + 1, s * 10.0)
-                                                                          for s in range(7)]
-                         + [("curve/acc", 3, 0.2), ("curve/acc", 6, 0.5)])   # each point once, at its step
+    # each point once, at its step
+    assert got == sorted([("loss", s + 1, float(s)) for s in range(7)]
+                         + [("parts/a", s + 1, s * 10.0) for s in range(7)]
+                         + [("curve/acc", 3, 0.2), ("curve/acc", 6, 0.5)])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)        # not installed
     with pytest.raises(C.UsageError, match="pip install tensorboard"):
         _loop(tmp_path / "other.pt", tmp_path / "tb2", 1)
@@ -112,8 +123,8 @@ def test_training_seconds_count_every_call_of_a_resumed_loop(tmp_path):
 
 
 def test_cached_models_know_the_data_they_were_made_from(tmp_path, monkeypatch, capsys):
-    """A base trained on other images (another --data-root) is refused, not silently reused; the judge
-    classifier is retrained for other data, and a weak one is flagged."""
+    """A base trained on other images (another --data-root) is refused, not silently reused; the
+    judge classifier is retrained for other data, and a weak one is flagged."""
     path = tmp_path / "model.safetensors"
     C.save_checkpoint(path, C.CondUNet("digits"), 5, done=True, data="1797-other")
     with pytest.raises(C.UsageError, match="trained on other images"):
@@ -129,18 +140,22 @@ def test_cached_models_know_the_data_they_were_made_from(tmp_path, monkeypatch, 
     E.load_classifier("digits", "a")
     E.load_classifier("digits", "a")                                       # cached
     monkeypatch.setattr(C, "load_data", lambda *a, **k: (full[0][:500], full[1][:500]))
-    E.load_classifier("digits", "b")                                       # other images: trained again
+    # other images: trained again
+    E.load_classifier("digits", "b")
     assert trained == ["a", "b"] and "only 50.0% held-out accuracy" in capsys.readouterr().out
 
 
-def test_an_unwritable_runs_folder_is_a_one_line_error_before_any_work(tmp_path, monkeypatch, capsys):
+def test_an_unwritable_runs_folder_is_a_one_line_error_before_any_work(tmp_path, monkeypatch,
+                                                                       capsys):
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(C, "RUNS", tmp_path / "file" / "runs")            # cannot be created: a file is in the way
+    # cannot be created: a file is in the way
+    monkeypatch.setattr(C, "RUNS", tmp_path / "file" / "runs")
     worked = []
     with pytest.raises(SystemExit) as exit_:
         C.cli(lambda a: worked.append(1), C.RunArgs, [])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "cannot write to" in err and "UNLEARN_RUNS" in err and not worked
+    assert exit_.value.code == 2 and "cannot write to" in err and "UNLEARN_RUNS" in err
+    assert not worked
 
     def full_disk(args):
         raise OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
@@ -152,13 +167,15 @@ def test_an_unwritable_runs_folder_is_a_one_line_error_before_any_work(tmp_path,
 
 
 def test_eval_checks_where_it_writes_before_it_evaluates(tmp_path, monkeypatch):
-    """eval.json goes beside the model: an unwritable folder fails before minutes of sampling, not after."""
+    """eval.json goes beside the model: an unwritable folder fails before minutes of sampling, not
+    after."""
     C.save_checkpoint(tmp_path / "m" / "model.safetensors", C.CondUNet("digits"), 1)
 
     def refuse(dir=None, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(C.tempfile, "TemporaryFile", refuse)
-    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking"))
+    monkeypatch.setattr(E, "evaluate_model",
+                        lambda *a, **k: pytest.fail("evaluated before checking"))
     with pytest.raises(C.UsageError, match="cannot write to .*m .Permission denied"):
         E.main(C.make_args(E.Args, ckpt=str(tmp_path / "m")))
 
