@@ -1,14 +1,16 @@
-"""msgm.py: the score / eps conversion and the continuous-time loss against hand computation, the geometry of the
-forget terms, their sign on a 2-D Gaussian mixture whose score is known exactly, and a short run on digits."""
+"""msgm.py: the score / eps conversion and the continuous-time loss against hand computation, the
+geometry of the forget terms, their sign on a 2-D Gaussian mixture whose score is known exactly, the
+training step copied out, and a short run on digits."""
 import copy
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import isolated, run_here, run_script
+from conftest import hparams, isolated, run_here, run_script
 
 import common as C
 import msgm as M
@@ -36,7 +38,7 @@ class Recorder(nn.Module):
         return self.eps
 
 
-# ---------------------------------------------------------------------------------------------- by hand
+# ------------------------------------------------------------------------------------------ by hand
 
 
 def test_score_is_minus_eps_over_sigma_and_network_time_is_999t():
@@ -52,14 +54,19 @@ def test_score_is_minus_eps_over_sigma_and_network_time_is_999t():
     assert torch.allclose(torch.as_tensor(t_net), 999 * t) and (c == 7).all()
 
 
-@pytest.mark.parametrize("task, released", [("square", False), ("square", True), ("norm", False), ("norm", True)])
+@pytest.mark.parametrize("task, released",
+                         [("square", False), ("square", True), ("norm", False), ("norm", True)])
 def test_continuous_loss_matches_hand_computation(task, released):
     g = torch.Generator().manual_seed(1)
-    x_k, x_u = torch.rand(6, 1, 3, 3, generator=g) * 2 - 1, torch.rand(5, 1, 3, 3, generator=g) * 2 - 1
-    eps_fn = lambda x, t: 0.7 * x + 0.1 * t.view(-1, 1, 1, 1)   # any smooth function of (x_t, t)
+    x_k = torch.rand(6, 1, 3, 3, generator=g) * 2 - 1
+    x_u = torch.rand(5, 1, 3, 3, generator=g) * 2 - 1
+
+    def eps_fn(x, t):                                 # any smooth function of (x_t, t)
+        return 0.7 * x + 0.1 * t.view(-1, 1, 1, 1)
     torch.manual_seed(3)
-    loss, l_keep, l_forget = M.msgm_loss(eps_fn, x_k, x_u, task, lam=0.01, forget_step=True, released=released)
-    torch.manual_seed(3)                              # the same draws, in the order msgm_loss makes them
+    loss, l_keep, l_forget = M.msgm_loss(eps_fn, x_k, x_u, task, lam=0.01, forget_step=True,
+                                         released=released)
+    torch.manual_seed(3)                              # the same draws, in the order msgm_loss makes
     t_k = (torch.rand(6) * (1 - 1e-5) + 1e-5).double().numpy()
     z_k = torch.randn(6, 1, 3, 3).double().numpy()
     t_u = (torch.rand(5) * (1 - 1e-5) + 1e-5).double().numpy()
@@ -76,7 +83,8 @@ def test_continuous_loss_matches_hand_computation(task, released):
     want_keep = ((s_k[:, None, None, None] * score_k + z_k) ** 2).reshape(6, -1).mean(1).mean()
     e_u, s_u = eps_at(x_u, t_u, z_u)
     # forget: sigma^2 <s_theta, grad log p(x_t|x0)> with grad log p = -z / sigma, per coordinate
-    prod = (s_u[:, None, None, None] ** 2 * (-e_u / s_u[:, None, None, None]) * (-z_u / s_u[:, None, None, None]))
+    sig_u = s_u[:, None, None, None]
+    prod = (sig_u ** 2 * (-e_u / sig_u) * (-z_u / sig_u))
     prod = prod.reshape(5, -1)
     if task == "square":
         want_forget = (prod ** 2).mean(1).mean() if released else (prod.mean(1) ** 2).mean()
@@ -95,21 +103,23 @@ def test_forget_terms_geometry():
     g = torch.Generator().manual_seed(2)
     z = torch.randn(64, 10, generator=g)
     e = torch.randn(64, 10, generator=g)
-    e_perp = e - (e * z).sum(1, keepdim=True) / (z * z).sum(1, keepdim=True) * z   # orthogonal to z, row by row
-    assert M.orthogonal_term(e_perp, z) < 1e-12                # the paper's orthogonality is a zero of our term
-    assert M.orthogonal_term(e_perp, z, released=True) > 0.1   # ... but not of the released element-wise square
+    # orthogonal to z, row by row
+    e_perp = e - (e * z).sum(1, keepdim=True) / (z * z).sum(1, keepdim=True) * z
+    assert M.orthogonal_term(e_perp, z) < 1e-12                # the paper's orthogonality: a zero
+    assert M.orthogonal_term(e_perp, z, released=True) > 0.1   # ... not of the element-wise square
     assert M.orthogonal_term(torch.zeros_like(z), z, released=True) == 0
-    # eps = -z: the score points away from x_0 (obtuse) -> our obtuse term is at its low end, the released one high
+    # eps = -z: the score points away from x_0 (obtuse) -> our obtuse term is at its low end, the
+    # released one high
     away, toward = -z, z
     assert M.obtuse_term(away, z) < 0 < M.obtuse_term(toward, z)
     assert M.obtuse_term(away, z, released=True) > 0 > M.obtuse_term(toward, z, released=True)
 
 
-# ---------------------------------------------------------------------------------------------- 2-D toy
+# ------------------------------------------------------------------------------------------ 2-D toy
 
 MEANS = torch.tensor([[-2.0, -2.0], [2.0, 2.0], [0.0, 0.0]])
 STDS = torch.tensor([0.7, 0.7, 0.4])
-WEIGHTS = torch.tensor([0.4, 0.4, 0.2])          # the third component (at the origin) is the undesirable data
+WEIGHTS = torch.tensor([0.4, 0.4, 0.2])      # the third component (at the origin) is undesirable
 
 
 def toy_data(n, comps, g):
@@ -118,7 +128,8 @@ def toy_data(n, comps, g):
 
 
 def exact_score(x, t):
-    """grad log p_t(x) of the Gaussian mixture under the VP-SDE: each component becomes N(alpha m, alpha^2 s^2 + sigma^2)."""
+    """grad log p_t(x) of the Gaussian mixture under the VP-SDE: each component becomes
+    N(alpha m, alpha^2 s^2 + sigma^2)."""
     a, s = (torch.tensor(v, dtype=torch.float32) for v in hand_marginal(t))
     var = a ** 2 * STDS ** 2 + s ** 2                                   # [K]
     d = x[:, None, :] - a * MEANS[None]                                # [N, K, 2]
@@ -128,12 +139,14 @@ def exact_score(x, t):
 
 
 class ToyNet(nn.Module):
-    """A tiny MLP eps_theta(x, t) with CondUNet's call signature (t in DDPM index units, a token that it ignores)."""
+    """A tiny MLP eps_theta(x, t) with CondUNet's call signature (t in DDPM index units, a token
+    that it ignores)."""
     tok = {"null": 0}
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 + 16, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 2))
+        self.net = nn.Sequential(nn.Linear(2 + 16, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(),
+                                 nn.Linear(128, 2))
 
     def forward(self, x, t, c):
         t = torch.as_tensor(t, dtype=torch.float32).expand(len(x)) / 999
@@ -142,12 +155,14 @@ class ToyNet(nn.Module):
 
 
 def toy_train(net, task, steps, lam, released=False, every=1, seed=0):
+    """task dsm: plain DSM on all three components (the all-data model); square / norm: MSGM with
+    the third component undesirable."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     eps_fn = M.unconditional(net)
     for step in range(steps):
-        comps = [0, 1, 2] if task == "normal" else [0, 1]
+        comps = [0, 1, 2] if task == "dsm" else [0, 1]
         x_k, x_u = toy_data(256, comps, g), toy_data(256, [2], g)
         loss, _, _ = M.msgm_loss(eps_fn, x_k, x_u, task, lam, step % every == 0, released)
         opt.zero_grad()
@@ -164,65 +179,81 @@ def forget_cos(net):
 
 @pytest.fixture(scope="module")
 def toy_normal():
-    # Tiny tensors: one thread avoids OpenMP wake-up costs that dominate (and explode on a busy machine)
+    # Tiny tensors: one thread avoids OpenMP wake-up costs that dominate (and explode on a busy
+    # machine)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    yield toy_train(ToyNet(), "normal", 1500, 0.0)
+    yield toy_train(ToyNet(), "dsm", 1500, 0.0)
     torch.set_num_threads(threads)
 
 
 def test_toy_normal_model_learns_the_exact_mixture_score(toy_normal):
-    """The continuous-time DSM loss and the -eps/sigma conversion recover the analytic score (direction and size)."""
+    """The continuous-time DSM loss and the -eps/sigma conversion recover the analytic score
+    (direction and size)."""
     g = torch.Generator().manual_seed(5)
     for t, min_cos, max_err in ((0.3, 0.85, 0.05), (0.6, 0.97, 0.02)):
         a, s = hand_marginal(t)
-        x_t = float(a) * toy_data(3000, [0, 0, 1, 1, 2], g) + float(s) * torch.randn(3000, 2, generator=g)
+        x_0 = toy_data(3000, [0, 0, 1, 1, 2], g)
+        x_t = float(a) * x_0 + float(s) * torch.randn(3000, 2, generator=g)
         with torch.no_grad():
             model = C.VP().score(toy_normal, x_t, torch.full((3000,), t), None)
         exact = exact_score(x_t, t)
         cos = torch.nn.functional.cosine_similarity(model, exact, dim=1).mean()
         rel_err = (model - exact).square().sum(1).mean() / exact.square().sum(1).mean()
         assert cos > min_cos and rel_err < max_err, (t, cos, rel_err)
-    # the all-data score on perturbed undesirable points agrees with their conditional score (acute angle)
+    # the all-data score on perturbed undesirable points agrees with their conditional score
+    # (acute angle)
     assert forget_cos(toy_normal) > 0.2
 
 
 def test_toy_forget_terms_point_the_score_where_their_names_say(toy_normal):
-    """300 MSGM steps (weight 0.3, every step) from the all-data model, against the same fine-tuning on kept data
-    only: Obtuse (ours) makes the mean cosine between the model score and grad log p(x_t|x_0) of undesirable
-    points negative, the released sign makes it positive, Orthogonal brings it to about 0.
+    """300 MSGM steps (weight 0.3, every step) from the all-data model, against the same
+    fine-tuning on kept data only: Obtuse (ours) makes the mean cosine between the model score and
+    grad log p(x_t|x_0) of undesirable points negative, the released sign makes it positive,
+    Orthogonal brings it to about 0.
     Measured: all-data 0.32, kept-only 0.08, obtuse -0.18, released sign 0.22, orthogonal 0.01."""
     base = forget_cos(toy_normal)
-    run = lambda task, lam, released=False: forget_cos(toy_train(copy.deepcopy(toy_normal), task, 300, lam, released))
-    keep_only, obtuse, released, ortho = run("norm", 0.0), run("norm", 0.3), run("norm", 0.3, True), run("square", 0.3)
+
+    def run(task, lam, released=False):
+        return forget_cos(toy_train(copy.deepcopy(toy_normal), task, 300, lam, released))
+    keep_only, obtuse = run("norm", 0.0), run("norm", 0.3)
+    released, ortho = run("norm", 0.3, True), run("square", 0.3)
     assert obtuse < -0.1 and obtuse < keep_only - 0.15, (base, keep_only, obtuse)
     assert released > 0.1 and released > keep_only + 0.08, (base, keep_only, released)
     assert abs(ortho) < 0.5 * abs(keep_only) and abs(ortho) < 0.2 * base, (base, keep_only, ortho)
 
 
-# ---------------------------------------------------------------------------------------------- digits
+# ------------------------------------------------------------------------------------------ digits
 
 
-def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, digits_classifier, runs_dir):
-    # EMA 0.5: with the default 0.995 forty steps barely reach the evaluated (EMA) weights (measured: no change)
-    r = run_script("msgm.py", "--finetune", "--base", str(digits_base[0]), "--forget", "1,5", "--task", "norm",
-                   "--steps", "40", "--forget-weight", "0.5", "--forget-every", "1", "--ema", "0.5", "--n-samples",
-                   "300", "--sample-steps", "10", "--n-nll", "12", "--tag", "ci")
+def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, digits_classifier,
+                                                                 runs_dir):
+    # EMA 0.5: with the default 0.995 forty steps barely reach the evaluated (EMA) weights
+    # (measured: no change)
+    r = run_script("msgm.py", "--finetune", "--base", str(digits_base[0]), "--forget", "1,5",
+                   "--task", "norm", "--steps", "40", "--forget-weight", "0.5", "--forget-every",
+                   "1", "--ema", "0.5", "--n-samples", "300", "--sample-steps", "10", "--n-nll",
+                   "12", "--tag", "ci")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params", "nll_forget_bpd", "nll_kept_bpd",
-              "nll_forget_null_bpd", "base_forget_rate", "base_retain_acc", "base_fid_retain", "base_nll_kept_bpd",
-              "forget_rate_lo", "forget_rate_hi", "cos_forget@0.1"):
+    for k in ("forget_rate", "retain_acc", "fid_retain", "seconds", "nfe", "params",
+              "nll_forget_bpd", "nll_kept_bpd", "nll_forget_null_bpd", "base_forget_rate",
+              "base_retain_acc", "base_fid_retain", "base_nll_kept_bpd", "forget_rate_lo",
+              "forget_rate_hi", "cos_forget@0.1"):
         assert k in m, k
-    assert m["n_samples"] == 300 and m["forget_rate_lo"] <= m["forget_rate"] <= m["forget_rate_hi"] and m["nfe"] == 10
+    assert m["n_samples"] == 300 and m["nfe"] == 10
+    assert m["forget_rate_lo"] <= m["forget_rate"] <= m["forget_rate_hi"]
     out = runs_dir / "msgm-digits-ci"
-    assert all((out / f).exists() for f in ("args.json", "model.safetensors", "samples.png", "samples.pt", "metrics.json"))
+    files = ("args.json", "model.safetensors", "samples.png", "samples.pt", "metrics.json")
+    assert all((out / f).exists() for f in files)
     s = torch.load(out / "samples.pt")
-    assert s["x"].shape == (300, 1, 8, 8) and (s["c"] == s["null"]).all() and s["sampler"] == "ddim-10"
+    assert s["x"].shape == (300, 1, 8, 8) and (s["c"] == s["null"]).all()
+    assert s["sampler"] == "ddim-10"
     assert C.load_checkpoint(out / "model.safetensors", "digits")[0].tok["null"] == s["null"]
-    # Obtuse steps turn the score on undesirable images away from them more than on kept images (measured in one
-    # run: forget cosine 0.837 -> 0.791 at t = 0.1 and 0.928 -> 0.905 at t = 0.3; kept 0.828 -> 0.820, 0.939 -> 0.930)
+    # Obtuse steps turn the score on undesirable images away from them more than on kept images
+    # (measured in one run: forget cosine 0.837 -> 0.791 at t = 0.1 and 0.928 -> 0.905 at t = 0.3;
+    # kept 0.828 -> 0.820, 0.939 -> 0.930)
     for t in ("0.1", "0.3"):
         drop_forget = m[f"base_cos_forget@{t}"] - m[f"cos_forget@{t}"]
         drop_keep = m[f"base_cos_kept@{t}"] - m[f"cos_kept@{t}"]
@@ -230,16 +261,18 @@ def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, dig
 
 
 def test_from_scratch_experiment_shares_its_cached_references(digits_classifier, runs_dir):
-    """The default experiment: normal (all data), retrain (kept data) and MSGM on one recipe, from scratch. A second
-    variant with the same recipe and seed reuses the cached normal and retrain (their figures are identical and
-    nothing is retrained)."""
-    small = ["--scratch-steps", "30", "--n-samples", "100", "--sample-steps", "3", "--n-nll", "2", "--nll-tol", "0.01",
-             "--seed", "7"]
+    """The default experiment: normal (all data), retrain (kept data) and MSGM on one recipe, from
+    scratch. A second variant with the same recipe and seed reuses the cached normal and retrain
+    (their figures are identical and nothing is retrained)."""
+    small = ["--scratch-steps", "30", "--n-samples", "100", "--sample-steps", "3", "--n-nll", "2",
+             "--nll-tol", "0.01", "--seed", "7"]
     first = run_script("msgm.py", *small, "--tag", "scratch-a")
-    cache = [runs_dir / f"msgm-digits-dsm-c{c}-s7" / "model.safetensors" for c in ("0123456789", "012345678")]
+    cache = [runs_dir / f"msgm-digits-dsm-c{c}-s7" / "model.safetensors"
+             for c in ("0123456789", "012345678")]
     stamps = [p.stat().st_mtime_ns for p in cache]
     second = run_script("msgm.py", *small, "--task", "square", "--released", "--tag", "scratch-b")
-    assert first.returncode == 0 and second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
+    assert first.returncode == 0 and second.returncode == 0, \
+        (first.stderr[-2000:], second.stderr[-2000:])
     a, b = (json.loads(r.stdout.strip().splitlines()[-1])["models"] for r in (first, second))
     assert list(a) == ["normal (all data)", "retrain (kept data)", "Obtuse-MSGM"]
     assert list(b) == ["normal (all data)", "retrain (kept data)", "Orthogonal-MSGM (released)"]
@@ -250,6 +283,7 @@ def test_from_scratch_experiment_shares_its_cached_references(digits_classifier,
 
 @pytest.mark.parametrize("argv, message, as_process", [
     (["--task", "erase"], "unknown --task", True),
+    (["--task", "dsm"], "unknown --task", False),
     (["--forget", "0,1,2,3,4,5,6,7,8,9"], "no kept class", False),
     (["--forget", "12"], "out of range", False),
 ])
@@ -261,22 +295,24 @@ def test_bad_input_is_one_line_error_before_any_work(argv, message, as_process, 
 
 
 def test_32px_training_step_constructs(tmp_path):
-    """The MNIST / CIFAR-10 path (fake images of the right shape): two MSGM steps (flips on CIFAR-10) run and
-    change the weights."""
+    """The MNIST / CIFAR-10 path (fake images of the right shape): two MSGM steps (flips on
+    CIFAR-10) run and change the weights."""
     for name in ("mnist", "cifar10"):
         model = C.CondUNet(name)
         x = torch.rand(4, model.info.channels, 32, 32) * 2 - 1
         before = model.unet.conv_out.weight.detach().clone()
         args = C.make_args(M.Args, dataset=name, task="square", forget_every=1, save_every=0)
-        hp = dict(M.recipe(args, scratch=True), steps=2, batch_size=2)
-        ema, _ = M.train(model, x, x.flip(0), args, hp, tmp_path / "resume.pt", {}, "cpu", name)
+        hp = replace(M.recipe(args, scratch=True), steps=2, batch_size=2)
+        save = dict(path=tmp_path / "resume.pt", key={}, every=0)
+        ema, _ = M.train(model, x, x.flip(0), hp, "cpu", save, hflip=name == "cifar10", desc=name)
         assert not torch.equal(model.unet.conv_out.weight, before)
         assert ema is not model and torch.isfinite(ema.unet.conv_out.weight).all()
 
 
 def test_losses_run_the_same_when_copied_out():
-    """Each function in LOSSES, re-created from its source in a namespace holding only torch and math, gives the
-    same result as the original on tiny tensors (and the VP marginal agrees with common.VP and the hand formula)."""
+    """Each function in LOSSES, re-created from its source in a namespace holding only torch and
+    math, gives the same result as the original on tiny tensors (and the VP marginal agrees with
+    common.VP and the hand formula)."""
     ns = isolated(M.LOSSES)
     g = torch.Generator().manual_seed(4)
     x0, z, eps = (torch.randn(3, 1, 2, 2, generator=g) for _ in range(3))
@@ -288,13 +324,54 @@ def test_losses_run_the_same_when_copied_out():
     assert torch.equal(ns["perturb"](x0, t, z), M.perturb(x0, t, z))
     assert torch.equal(ns["retain_term"](eps, z), M.retain_term(eps, z))
     for released in (False, True):
-        assert torch.equal(ns["orthogonal_term"](eps, z, released), M.orthogonal_term(eps, z, released))
+        assert torch.equal(ns["orthogonal_term"](eps, z, released),
+                           M.orthogonal_term(eps, z, released))
         assert torch.equal(ns["obtuse_term"](eps, z, released), M.obtuse_term(eps, z, released))
-    eps_fn = lambda x, t: 0.5 * x - t.view(-1, 1, 1, 1)
-    for task in ("square", "norm", None):
+
+    def eps_fn(x, t):
+        return 0.5 * x - t.view(-1, 1, 1, 1)
+    for task in ("square", "norm", "dsm"):
         torch.manual_seed(7)
         copied = ns["msgm_loss"](eps_fn, x0, z, task, 0.3, True)
         torch.manual_seed(7)
         original = M.msgm_loss(eps_fn, x0, z, task, 0.3, True)
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(copied, original))
         assert copied[0].item() != 0
+    with pytest.raises(ValueError, match="unknown task"):
+        M.msgm_loss(eps_fn, x0, z, None, 0.3, True)   # no silent fallback to plain DSM
+
+
+@pytest.mark.parametrize("task, forget_step", [("norm", True), ("square", True), ("norm", False),
+                                               ("dsm", False)])
+def test_step_runs_the_same_when_copied_out(task, forget_step):
+    """msgm_step, re-created from its source in a namespace holding only torch, math, the LOSSES
+    and MSGMHparams, makes the same update as the original on a digits CondUNet (same seed, same
+    batch, a fresh Adam each): the weights and the EMA weights after the step are equal, and
+    moved."""
+    ns = isolated([*M.LOSSES, *M.STEPS], extra={hparams(M).__name__: hparams(M)})
+    hp = M.MSGMHparams(task=task, forget_weight=0.5, batch_size=4, ema=0.5)
+    torch.manual_seed(0)
+    start = C.CondUNet("digits")
+    g = torch.Generator().manual_seed(1)
+    x_keep = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    x_forget = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1 if forget_step else None
+    results = []
+    for step in (ns["msgm_step"], M.msgm_step):
+        model = copy.deepcopy(start)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ema = C.EMA(model, hp.ema)
+        scaler, ctx = C.grad_scaler("cpu", False), C.autocast("cpu", False)
+        torch.manual_seed(2)
+        losses = step(M.unconditional(model), model, opt, scaler, ema, x_keep, x_forget,
+                      forget_step, hp, ctx)
+        results.append((model, ema.model, losses))
+    (copied, copied_ema, copied_losses), (original, original_ema, original_losses) = results
+    for a, b in zip(copied.parameters(), original.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(copied_ema.parameters(), original_ema.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, s) for a, s in zip(original.parameters(), start.parameters()))
+    assert copied_losses[0] == original_losses[0]
+    assert math.isnan(copied_losses[1]) == (not forget_step)
+    if forget_step:
+        assert copied_losses[1] == original_losses[1]
