@@ -33,11 +33,13 @@ import copy
 import dataclasses
 import errno
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -103,12 +105,16 @@ def check_class(info: DataInfo, c: int, what: str = "class") -> int:
 
 
 def parse_classes(s: str, info: DataInfo, what: str = "class") -> list:
-    """'0,3' -> [0, 3], each checked against the dataset; '' -> []."""
+    """'0,3' -> [0, 3], each checked against the dataset and named once; '' -> []."""
     try:
         cs = [int(v) for v in str(s).split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{what} list {s!r} must be comma-separated integers, e.g. 0,3") from None
+    twice = sorted({c for c in cs if cs.count(c) > 1})
+    if twice:
+        raise UsageError(f"{what} list {s!r} names {', '.join(map(str, twice))} more than once")
     return [check_class(info, c, what) for c in cs]
+
 
 def load_data(name: str = "digits", root: str = "data", split: str = "train"):
     """Return (x, y): x float32 in [-1, 1] of shape [N, C, S, S], y int64 labels."""
@@ -526,6 +532,7 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
         # the same UNet for other code: UNet2DConditionModel.from_pretrained(<run folder>/unet),
         # in safetensors
         ema.model.unet.save_pretrained(path.parent / "unet")
+        share_files(path.parent / "unet")
     resume.finish()
     if world > 1:
         torch.distributed.barrier()
@@ -586,8 +593,8 @@ class RunArgs:
     tag: str = ""
     """run folder suffix: runs/<method>-<dataset>[-<tag>]/"""
     save_every: int = 100
-    """steps between resumable checkpoints of the training loop (0 = none); a rerun with the same
-    arguments continues from the last one"""
+    """steps between resumable checkpoints of the training loop (0: none, a rerun starts afresh); a
+    rerun with the same arguments continues from the last one"""
     n_per_class: int = 100
     """samples per class drawn by the method's own sampler for samples.pt and the evaluation"""
     sampler: str = "ddim"
@@ -712,7 +719,39 @@ def parse_args(cls, argv=None):
             raise UsageError(f"{flag} 0: must be positive")
         if name == "sampler" and v not in SAMPLERS:
             raise UsageError(f"unknown --sampler {v!r}: use {', '.join(SAMPLERS)}")
+        if name == "tag":
+            check_tag(v)
+        if name == "fid_features":
+            check_fid_features(v)
+        if name == "inception_weights" and v and not Path(v).is_file():
+            raise UsageError(f"--inception-weights {v}: no such file")
     return make_args(cls, **given)
+
+
+def check_tag(tag: str):
+    """A run folder's suffix is one plain name: letters, digits, '-', '_' and '.', never '..' (a
+    tag like ../x or a/b would write outside runs/ or into a nested folder)."""
+    if tag and (not re.fullmatch(r"[A-Za-z0-9._-]+", tag) or ".." in tag):
+        raise UsageError(f"--tag {tag!r}: use one plain name of letters, digits, '-', '_' and '.' "
+                         f"(no '/' and no '..'), e.g. --tag lr1e-4")
+
+
+def installed(package: str) -> bool:
+    """Whether `import package` would find it, without importing it (sys.modules first: a test may
+    have put a stand-in or None there)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def check_fid_features(choice: str):
+    """--fid-features: a known choice, and for inception pytorch-fid installed (checked before any
+    model is trained or loaded; its weights are looked for when the network is built)."""
+    if choice not in ("auto", "classifier", "inception"):
+        raise UsageError(f"unknown --fid-features {choice!r}: use auto, classifier or inception")
+    if choice == "inception" and not installed("pytorch_fid"):
+        raise UsageError("--fid-features inception needs pytorch-fid: `pip install pytorch-fid`, "
+                         "or --fid-features classifier")
 
 
 # sizes and counts for which 0 means nothing
@@ -908,6 +947,22 @@ def load(path):
         return _unpack(json.loads((f.metadata() or {})["json"]), tensors)
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_files(folder):
+    """Give every file below folder the mode of a new file: safetensors writes 0600 (also inside
+    diffusers' save_pretrained), which makes a run folder copied for a colleague unreadable."""
+    mode = new_file_mode()
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 def atomic_save(obj, path):
     """Write obj (nested dicts / lists of tensors, numbers and strings) to path: safetensors for
     *.safetensors (the tensors in its body, everything else as JSON in its header;
@@ -927,6 +982,7 @@ def atomic_save(obj, path):
             save_file(tensors, str(tmp), metadata={"json": header})
         else:
             torch.save(plain(obj), tmp)
+        os.chmod(tmp, new_file_mode())   # safetensors writes 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1332,7 +1388,7 @@ class Args:
     compile: bool = False
     """torch.compile the UNet (CUDA)"""
     save_every: int = 200
-    """steps between resumable checkpoints"""
+    """steps between resumable checkpoints (0: none, a rerun starts afresh)"""
     track: bool = False
     """TensorBoard event files of the loss in runs/base-<dataset>[-<tag>]/tb (pip install
     tensorboard)"""

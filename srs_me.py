@@ -458,10 +458,16 @@ def parse_steps(args: Args, info) -> tuple:
     if not erasable:
         raise C.UsageError("--erasable is empty: name the concepts that get shifts, e.g. 0,1,2")
     if erase or restore:   # one combination of shifts instead of a scene
+        if erase and not set(restore) <= set(erase):
+            raise C.UsageError(f"--restore {args.restore}: restores only concepts of --erase "
+                               f"{args.erase}")
         active = [k for k in (erase or erasable) if k not in restore]
         if not set(erase) | set(restore) <= set(erasable) or not active:
             raise C.UsageError(f"--erase minus --restore must leave a concept, all from "
                                f"--erasable {erasable}")
+        base = f"--erase {args.erase}" if erase else f"every --erasable concept {erasable}"
+        but = f" but --restore {args.restore}" if restore else ""
+        print(f"one combination of shifts: erasing {active} ({base}{but})")
         return erasable, [("erase", active)]
     steps = []
     for part in SCENES.get(args.scene, args.scene).split(";"):

@@ -263,6 +263,11 @@ def _module(script: str):
      else ["sfd.py", "--device", "tpu"], "--device"),
     (["siss.py", "--device", "mps"] if not torch.backends.mps.is_available()
      else ["siss.py", "--device", "x"], "--device"),
+    (["common.py", "--tag", "../../escape", "--steps", "1"], "--tag '../../escape': use one plain"),
+    (["siss.py", "--tag", "a/b"], "--tag 'a/b': use one plain name"),
+    (["msgm.py", "--tag", ".."], "--tag '..'"),
+    (["eval.py", "--fid-features", "fancy"], "unknown --fid-features 'fancy'"),
+    (["srs_me.py", "--inception-weights", "nowhere.pth"], "--inception-weights nowhere.pth: no"),
 ])
 def test_numbers_and_devices_a_run_cannot_mean_are_one_line_errors(argv, message, runs_dir, capsys):
     before = sorted(p for p in runs_dir.rglob("*"))
@@ -270,6 +275,25 @@ def test_numbers_and_devices_a_run_cannot_mean_are_one_line_errors(argv, message
     assert r.returncode == 2 and message in r.stderr and r.stderr.startswith("error:")
     assert r.stderr.strip().count("\n") == 0
     assert sorted(p for p in runs_dir.rglob("*")) == before
+
+
+def test_a_plain_tag_names_the_run_folder():
+    args = C.parse_args(C.RunArgs, ["--tag", "lr1e-4_v2.b"])
+    assert C.run_dir("x", args.dataset, args.tag).parent == C.RUNS
+
+
+def test_inception_without_pytorch_fid_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """In a fresh runs folder (no base, no classifier) the refusal comes within seconds: it depends
+    only on the arguments and the installed packages."""
+    import sys
+    import time
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)          # not installed
+    monkeypatch.setattr(C, "RUNS", tmp_path)
+    t0 = time.time()
+    for script in ("eval.py", "siss.py", "bilevel_prune.py"):
+        r = run_here(_module(script), ["--fid-features", "inception"], capsys)
+        assert r.returncode == 2 and "needs pytorch-fid" in r.stderr, (script, r.stderr)
+    assert time.time() - t0 < 10 and not any(tmp_path.iterdir())
 
 
 def test_diverged_training_is_an_error_and_caches_nothing(runs_dir):
@@ -307,6 +331,40 @@ def test_a_failed_run_leaves_no_folder_behind(runs_dir):
     with pytest.raises(SystemExit):
         C.cli(fails_late, C.RunArgs, ["--tag", "late"])
     assert (C.run_dir("failing", "digits", "late") / "resume.pt").exists()
+
+
+def test_saved_files_are_readable_by_the_group_and_others(tmp_path):
+    """Files get the mode open() gives under the umask (safetensors alone would leave 0600)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        C.atomic_save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+        C.atomic_save({"w": torch.ones(2)}, tmp_path / "r.pt")
+        (tmp_path / "unet").mkdir()
+        from safetensors.torch import save_file
+        save_file({"w": torch.ones(2)}, str(tmp_path / "unet" / "w.safetensors"))
+        C.share_files(tmp_path / "unet")
+    finally:
+        os.umask(old)
+    for name in ("m.safetensors", "r.pt", "unet/w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_save_every_0_writes_no_resumable_state(tmp_path):
+    """--save-every 0: no checkpoints in the loop, so a rerun starts afresh; N: every N steps."""
+    model = torch.nn.Linear(2, 2)
+    none = C.Resume(tmp_path / "none.pt", {"a": 1}, 0, model=model)
+    every3 = C.Resume(tmp_path / "every3.pt", {"a": 1}, 3, model=model)
+    for step in range(1, 3):
+        none.save(step)
+        every3.save(step)
+    assert not (tmp_path / "every3.pt").exists()
+    for step in range(3, 10):
+        none.save(step)
+        every3.save(step)
+    assert not (tmp_path / "none.pt").exists() and (tmp_path / "every3.pt").exists()
+    assert C.Resume(tmp_path / "none.pt", {"a": 1}, 0, model=model).load() == 0
+    assert C.Resume(tmp_path / "every3.pt", {"a": 1}, 3, model=model).load() == 9
 
 
 def test_two_savers_of_one_path_never_collide(tmp_path):

@@ -328,3 +328,23 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     r = run_here(S, [*small, "--erase", "7"], capsys)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "erasable" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--erase", "0,0"], "erase class list '0,0' names 0 more than once"),
+    (["--erase", "0,2", "--restore", "3"], "--restore 3: restores only concepts of --erase 0,2"),
+    (["--erasable", "1,1,2"], "names 1 more than once"),
+])
+def test_an_ambiguous_combination_is_refused(argv, message, runs_dir, capsys):
+    before = sorted(runs_dir.rglob("*"))
+    r = run_here(S, argv, capsys)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0
+    assert sorted(runs_dir.rglob("*")) == before
+
+
+def test_restore_alone_says_what_it_erases(capsys):
+    info = C.data_info("digits")
+    erasable, steps = S.parse_steps(C.make_args(S.Args, restore="3"), info)
+    assert steps == [("erase", [k for k in erasable if k != 3])]
+    out = capsys.readouterr().out
+    assert f"erasing {steps[0][1]}" in out and "but --restore 3" in out
