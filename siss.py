@@ -41,6 +41,7 @@ from scipy.stats import beta
 import common as C
 import eval as E
 
+
 @dataclass
 class SISSHparams:
     """What the losses, unlearn_step and unlearn read (digits values; Args.presets: the others)."""
@@ -297,6 +298,7 @@ def unlearn(model, data: tuple, args: Args, device, out, on_check) -> tuple:
 # ---- EXPERIMENT: python siss.py (scenario, judging, report); not needed to follow SISS ----
 
 METHODS = ("siss", "siss-nois", "erasediff", "naive", "neggrad")   # the values of --method
+
 
 @dataclass
 class Args(SISSHparams, C.RunArgs):
