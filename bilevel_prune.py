@@ -630,6 +630,7 @@ def evaluate(args: Args, out, teacher, student, clf, log: dict, seconds: float,
 
 
 def main(args: Args):
+    C.one_process("bilevel_prune.py")   # no data-parallel loop: N copies would write one folder
     check_args(args)
     dev = C.pick_device(args.device)
     teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)

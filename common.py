@@ -585,7 +585,8 @@ class RunArgs:
     device: str = "auto"
     """auto | cpu | cuda | mps"""
     amp: bool = False
-    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU"""
+    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU
+    (TF32 matmuls are on for every CUDA run, with or without it)"""
     compile: bool = False
     """torch.compile the network being trained (CUDA; the first steps are slow while it compiles)"""
     seed: int = 0
@@ -754,6 +755,13 @@ def check_fid_features(choice: str):
                          "or --fid-features classifier")
 
 
+def end_process_group():
+    """Destroy torchrun's process group, if this process started one (distributed)."""
+    if "RANK" in os.environ and torch.distributed.is_available():
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 # sizes and counts for which 0 means nothing
 POSITIVE = {"threads", "batch_size", "sample_steps", "n_per_class", "n_samples", "esd_batch",
             "upper_every", "eval_every", "n_eval", "n_monitor", "monitor_steps"}
@@ -795,7 +803,9 @@ def cli(main, args_cls, argv=None):
             # tensorboard missing: said now, not after the first minutes of work
             Tracker.writer_class()
         try:
-            return main(args)
+            result = main(args)
+            end_process_group()
+            return result
         except OSError as e:
             # a full disk or a read-only folder met mid-run: one line, naming the file
             if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
@@ -805,6 +815,7 @@ def cli(main, args_cls, argv=None):
                              f"the folder writable, or point UNLEARN_RUNS at another "
                              f"folder") from None
     except BaseException as e:
+        end_process_group()
         for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
             if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
                 (out / "args.json").unlink(missing_ok=True)
@@ -844,7 +855,7 @@ def pick_device(name: str = "auto") -> torch.device:
                          "use --device cpu")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         name = f"cuda:{os.environ['LOCAL_RANK']}"
-    if name.startswith("cuda"):
+    if name.startswith("cuda"):   # TF32 on every CUDA run, --amp or not (README: paper scale)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
@@ -873,13 +884,28 @@ def grad_scaler(device, enabled: bool = True):
 
 def distributed() -> tuple[int, int]:
     """(rank, world size): under torchrun (RANK and WORLD_SIZE in the environment) the process group
-    is started on the first call, NCCL on CUDA and gloo on the CPU; a plain process is (0, 1)."""
+    is started on the first call, NCCL on CUDA (each process's GPU chosen first, as NCCL needs) and
+    gloo on the CPU; cli destroys it when the run ends. A plain process is (0, 1)."""
     if "RANK" not in os.environ:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+DATA_PARALLEL = ("common.py", "sfd.py")   # the entry points that train data-parallel under torchrun
+
+
+def one_process(script: str):
+    """Refuse torchrun with more than one process for a script that does not split its work: N
+    copies would each run the whole job and write the same run folder."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UsageError(f"{script} runs in one process (torchrun started {world}); "
+                         f"data-parallel under torchrun: {', '.join(DATA_PARALLEL)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1384,7 +1410,8 @@ class Args:
     device: str = "auto"
     """auto | cpu | cuda | mps"""
     amp: bool = False
-    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU"""
+    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU
+    (TF32 matmuls are on for every CUDA run, with or without it)"""
     compile: bool = False
     """torch.compile the UNet (CUDA)"""
     save_every: int = 200

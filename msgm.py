@@ -476,6 +476,7 @@ def references(args: Args, x, x_keep, kept: list, info, device) -> dict:
 
 
 def main(args: Args):
+    C.one_process("msgm.py")   # no data-parallel loop: N copies would write one folder
     info = C.data_info(args.dataset)
     forget = check(args, info)
     device = C.pick_device(args.device)

@@ -611,6 +611,7 @@ def report(args: Args, target: dict, base_m: dict, res_m: dict, res_s: dict, log
 
 
 def main(args: Args):
+    C.one_process("siss.py")   # no data-parallel loop: N copies would write one folder
     check_args(args)
     device, out = C.pick_device(args.device), C.start_run("siss", args)
     args = resolve(args)

@@ -590,6 +590,7 @@ def summarise(base_m, results, steps, erasable, info) -> dict:
 
 
 def main(args: Args):
+    C.one_process("srs_me.py")   # no data-parallel loop: N copies would write one folder
     info = C.data_info(args.dataset)
     erasable, steps = parse_steps(args, info)
     protect = C.parse_classes(args.protect, info, "protected class")

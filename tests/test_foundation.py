@@ -296,6 +296,20 @@ def test_inception_without_pytorch_fid_is_refused_before_any_work(tmp_path, monk
     assert time.time() - t0 < 10 and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script", ["siss.py", "msgm.py", "srs_me.py", "bilevel_prune.py"])
+def test_torchrun_of_a_one_process_method_is_refused(script, runs_dir, monkeypatch, capsys):
+    """Without a data-parallel loop, N torchrun copies would each run the whole job into one run
+    folder: refused in one line naming the scripts that are data-parallel, before any work."""
+    before = sorted(runs_dir.rglob("*"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = run_here(_module(script), [], capsys)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert f"{script} runs in one process (torchrun started 2)" in r.stderr
+    assert "common.py, sfd.py" in r.stderr
+    assert sorted(runs_dir.rglob("*")) == before
+
+
 def test_diverged_training_is_an_error_and_caches_nothing(runs_dir):
     r = run_script("common.py", "--force", "--lr", "1e6", "--steps", "30", "--tag", "diverged")
     assert r.returncode == 2
