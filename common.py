@@ -803,9 +803,7 @@ def cli(main, args_cls, argv=None):
             # tensorboard missing: said now, not after the first minutes of work
             Tracker.writer_class()
         try:
-            result = main(args)
-            end_process_group()
-            return result
+            return main(args)
         except OSError as e:
             # a full disk or a read-only folder met mid-run: one line, naming the file
             if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
@@ -815,7 +813,6 @@ def cli(main, args_cls, argv=None):
                              f"the folder writable, or point UNLEARN_RUNS at another "
                              f"folder") from None
     except BaseException as e:
-        end_process_group()
         for out in _STARTED:   # a failed run's own new folder, if nothing but args.json is in it
             if out.is_dir() and {p.name for p in out.iterdir()} <= {"args.json"}:
                 (out / "args.json").unlink(missing_ok=True)
@@ -824,6 +821,8 @@ def cli(main, args_cls, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        end_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -973,17 +972,15 @@ def load(path):
         return _unpack(json.loads((f.metadata() or {})["json"]), tensors)
 
 
-def new_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (0o644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def share_files(folder):
-    """Give every file below folder the mode of a new file: safetensors writes 0600 (also inside
-    diffusers' save_pretrained), which makes a run folder copied for a colleague unreadable."""
-    mode = new_file_mode()
+    """Give every file below folder the mode open() gives a new file under the umask (0644 under
+    022): safetensors' save_file writes 0600 (also inside diffusers' save_pretrained), which makes a
+    run folder copied for a colleague unreadable. The mode is read off a probe file, so the
+    process's umask is never changed."""
+    probe = Path(folder) / f".mode-probe-{os.getpid()}"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
     for f in Path(folder).rglob("*"):
         if f.is_file():
             os.chmod(f, mode)
@@ -1002,13 +999,13 @@ def atomic_save(obj, path):
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{salt:08x}.tmp")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
             tensors = {}
             header = json.dumps(_pack(obj, tensors, ""))
-            save_file(tensors, str(tmp), metadata={"json": header})
+            # written by open(), which gives the umask's mode (save_file would leave 0600)
+            tmp.write_bytes(save(tensors, metadata={"json": header}))
         else:
             torch.save(plain(obj), tmp)
-        os.chmod(tmp, new_file_mode())   # safetensors writes 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
