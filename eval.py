@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.integrate import solve_ivp
+from scipy.stats import beta
 
 import common as C
 
@@ -377,6 +378,53 @@ def near_copy_rate(x_gen, x_ref, threshold: float) -> float:
     threshold."""
     d = torch.cdist(x_gen.flatten(1).double(), x_ref.flatten(1).double()).min(1).values
     return (d < threshold).float().mean().item()
+
+
+def interval(k: int, n: int) -> tuple:
+    """The exact (Clopper-Pearson) 95% interval of a share of k in n: (low, high)."""
+    if n == 0:
+        return (0.0, 1.0)
+    lo = beta.ppf(0.025, k, n - k + 1) if k else 0.0
+    hi = beta.ppf(0.975, k + 1, n - k) if k < n else 1.0
+    return (round(float(lo), 5), round(float(hi), 5))
+
+
+def count(k: int, n: int) -> str:
+    """'3/500 = 0.6% [0.1, 1.7]': a count, its share and the share's exact 95% interval, in %."""
+    lo, hi = interval(k, n)
+    return f"{k}/{n} = {100 * k / max(n, 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def effect_table(before: str, after: str, rows: list) -> str:
+    """A run's headline: a header naming the two models, then one aligned line (figure, before,
+    after) per row."""
+    rows = [("", before, after), *rows]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def change(r: dict) -> str:
+    """paired_change's result as '88.5% (change -0.4 ± 1.6 points, paired)'."""
+    return (f"{100 * r['after']:.1f}% (change {r['change_points']:+.1f} ± "
+            f"{r['change_ci_points']:.1f} points, paired)")
+
+
+def paired_change(clf, before: dict, after: dict, forget=()) -> dict:
+    """Retain accuracy before and after unlearning, judged on samples drawn from the same noise
+    (two samples.pt dicts whose first kept-class samples share their c and noise): both shares and
+    the change in points with its 95% interval (normal approximation of the mean paired
+    difference, so the noise both models share cancels out)."""
+    K = clf.head.out_features
+    pairs = []
+    for s in (before, after):
+        kept = (s["c"] < K) & ~torch.isin(s["c"], torch.as_tensor(list(forget), dtype=torch.long))
+        pairs.append((predict(clf, s["x"][kept]) == s["c"][kept]).double())
+    n = min(len(p) for p in pairs)
+    a, b = pairs[0][:n], pairs[1][:n]
+    d = b - a
+    half = 1.96 * d.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"before": a.mean().item(), "after": b.mean().item(), "n": n,
+            "change_points": 100 * d.mean().item(), "change_ci_points": 100 * half}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,7 +788,8 @@ def command(name: str, a: CompareArgs, seed: int, b: dict, ws: Path) -> tuple[li
     if name == "msgm":
         n = dict(n_samples=e["n_uncond"], base=str(ws / C.base_path(ds).relative_to(C.RUNS)))
     row = {k: v for k, v in b[name].items() if k != "sampler" or "sampler" not in common}
-    argv = [f"{name}.py", *flags(dict(common, tag=f"s{seed}", n_nll=e["n_nll"],
+    # the methods at their README sizes (--protocol paper), the budget's own values over them
+    argv = [f"{name}.py", *flags(dict(common, protocol="paper", tag=f"s{seed}", n_nll=e["n_nll"],
                                       nll_tol=e["nll_tol"], **n, **forget, **row))]
     return argv, ws / C.run_dir(name, ds, f"s{seed}").relative_to(C.RUNS)
 

@@ -28,20 +28,25 @@ Where each part lives (the paper's method section mirrored by the released code)
 
 Training is score_sde's continuous-time VP-SDE (beta 0.1..20, t ~ U(1e-5, 1), network time 999 t);
 every model is unconditional (common.CondUNet always gets the null token) and the class labels only
-say which images are undesirable. Two experiments, each against its control, on one recipe:
-  from scratch (default)  normal (all data), retrain (kept data only) and MSGM; normal and retrain
-                          are cached
-  --finetune              MSGM fine-tunes that normal model, against fine-tuning it on kept data
+say which images are undesirable. Two experiments, each against its control:
+  fine-tuning (default)   MSGM fine-tunes the normal model, against fine-tuning it on kept data
                           only for as many steps (the control, cached): what the forget term adds
-                          shows as the difference
+                          shows as the difference. By default normal is the cached base model
+                          (python common.py), which the other four methods start from too, and
+                          the fine-tune is 250 steps: minutes on a CPU
+  --no-finetune           from scratch: normal (all data), retrain (kept data only) and MSGM, one
+                          recipe; normal and retrain are cached
+  --protocol paper        the README's table: every model from scratch (normal too), 5,000
+                          samples a model; with --finetune its second half (1,400 steps)
 Every run folder holds model.safetensors (C.load_checkpoint(folder, dataset) loads it; sample it
 under the null token), samples.pt (unconditional samples of the MSGM model), samples.png and
 metrics.json (every row of the table).
 
-    python msgm.py                                # digits, CPU: normal, retrain and Obtuse-MSGM
+    python msgm.py                                # Obtuse-MSGM fine-tunes the base, vs the control
     python msgm.py --task square --tag sq         # Orthogonal-MSGM (--released: the released terms)
     python msgm.py --forget-weight 0.1 --tag w0.1 # the forget-weight sweep
-    python msgm.py --finetune --tag ft            # MSGM fine-tunes normal, vs kept-only fine-tune
+    python msgm.py --protocol paper               # the README: normal, retrain, MSGM from scratch
+    python msgm.py --protocol paper --finetune --tag ft   # its fine-tuned half
     python msgm.py --dataset mnist --device cuda  # 32x32 data (cifar10: the released config)
 """
 from __future__ import annotations
@@ -280,9 +285,17 @@ class Args(MSGMHparams, C.RunArgs):
     """undesirable classes, comma-separated. Digits: 9, the class whose retrain still draws it most
     often among the splits measured (see the README); cifar10: the released split, automobile and
     dog (1,5)"""
-    finetune: bool = False
-    """the second experiment: MSGM fine-tunes the from-scratch normal model (or --base), against
-    fine-tuning it on kept data only for as many steps"""
+    finetune: bool = True
+    """MSGM fine-tunes the normal model for --steps, against fine-tuning it on kept data only for as
+    many steps (the paper's second experiment); --no-finetune: MSGM from scratch against a retrain
+    (the first)"""
+    normal: str = "base"
+    """the normal model: base (the cached base model of python common.py, unconditional through its
+    null token; or --base) | scratch (an unconditional model trained here on all data with the
+    from-scratch recipe, as the paper)"""
+    steps: int = 250
+    """fine-tuning steps of MSGM and of its kept-only control (the released fine-tune runs the full
+    training length); from scratch the loop runs --scratch-steps"""
     control: bool = True
     """--finetune: train and evaluate the kept-only control too (eval.py compare, which has its own,
     leaves it out)"""
@@ -290,11 +303,11 @@ class Args(MSGMHparams, C.RunArgs):
     """training steps of every model trained from scratch (the base model's length on digits)"""
     scratch_lr: float = 1e-3
     """Adam learning rate from scratch (the base model's on digits)"""
-    n_samples: int = 5000
+    n_samples: int = 600
     """unconditional samples per model for the undesirable share and FID"""
     sample_steps: int = 20
     """sampler steps; 20 DDIM steps keep 5000 samples per model affordable on a CPU"""
-    n_nll: int = 1000
+    n_nll: int = 16
     """held-out images per group (undesirable / kept) for the NLL; 1000 = all of digits' test
     images"""
     # 32x32: the base recipe's length; cifar10: the released config (660k steps of 400 + 400)
@@ -305,6 +318,8 @@ class Args(MSGMHparams, C.RunArgs):
                         n_nll=100),
         "cifar10": dict(forget="1,5", scratch_steps=660_000, batch_size=400, scratch_lr=2e-4,
                         warmup=5000, ema=0.9999, steps=10_000, n_nll=100)}
+    # --protocol paper: the README's table (add --finetune for its fine-tuned half)
+    paper = dict(finetune=False, normal="scratch", steps=1400, n_samples=5000, n_nll=1000)
 
 
 VARIANTS = {"square": "Orthogonal-MSGM", "norm": "Obtuse-MSGM"}
@@ -331,6 +346,8 @@ def check(args: Args, info) -> list:
     if min(sizes) < 1 or args.n_samples < 2:
         raise C.UsageError("--forget-every, --steps, --scratch-steps, --batch-size and --n-nll "
                            "must be >= 1, --n-samples >= 2")
+    if args.normal not in ("base", "scratch"):
+        raise C.UsageError(f"unknown --normal {args.normal!r}: use base or scratch")
     if args.base and not args.finetune:
         raise C.UsageError("--base is the normal model that --finetune starts from: add "
                            "--finetune, or leave it out")
@@ -461,7 +478,7 @@ def references(args: Args, x, x_keep, kept: list, info, device) -> dict:
     """{row name: (model, training seconds, file)} of the models MSGM is compared with: normal
     (someone's with --base), then retrain from scratch or, with --finetune, the kept-only
     fine-tune of normal (unless --no-control)."""
-    if args.base:        # someone's normal model, to fine-tune (check() refuses --base alone)
+    if args.base or args.normal == "base":   # the cached base model, or someone's (--base)
         model, path = C.base_model(args, device)
         normal = model, None, path
     else:
@@ -475,9 +492,25 @@ def references(args: Args, x, x_keep, kept: list, info, device) -> dict:
     return refs
 
 
+def report(rows: dict, args: Args, sampler: str, forget: list):
+    """The table of every model, then the effect: the undesirable classes' share of each model's
+    unconditional samples, a count with its exact 95% interval."""
+    print(f"\n{args.n_samples} unconditional samples per model ({sampler}); share of "
+          f"undesirable classes with its 95% interval; NLL in bits/dim of held-out images; "
+          f"samples.png: 2 rows per model in table order")
+    for r in rows.values():
+        lo, hi = 100 * r["forget_rate_lo"], 100 * r["forget_rate_hi"]
+        r["share"] = f"{100 * r['forget_rate']:.2f}% [{lo:.2f}, {hi:.2f}]"
+    print(E.table(rows, COLS))
+    n = args.n_samples
+    print(f"\nsamples classified as {','.join(map(str, forget))}, of {n} unconditional ones:")
+    for name, r in rows.items():
+        print(f"  {name:<34} {E.count(round(r['forget_rate'] * n), n)}")
+
+
 def main(args: Args):
     C.one_process("msgm.py")   # no data-parallel loop: N copies would write one folder
-    info = C.data_info(args.dataset)
+    info, clock = C.data_info(args.dataset), C.Clock()
     forget = check(args, info)
     device = C.pick_device(args.device)
     out = C.start_run("msgm", args)
@@ -486,38 +519,39 @@ def main(args: Args):
     is_f = torch.isin(y, torch.tensor(forget))
     x_keep, x_forget = x[~is_f], x[is_f]
     kept = [k for k in range(info.num_classes) if k not in forget]
-    clf = E.load_judge(args, device)
+    with clock("classifier"):
+        clf = E.load_judge(args, device)
     name = VARIANTS[args.task] + (" (released)" if args.released else "")
     against = "normal, retrain and MSGM from scratch"
     if args.finetune:
         against = "fine-tuning normal, against fine-tuning it on kept data only"
     print(f"{name} on {info.name}: undesirable {forget} ({len(x_forget)} train images), "
           f"kept {kept} ({len(x_keep)}); {against}")
-    refs = references(args, x, x_keep, kept, info, device)
+    with clock("reference models"):      # trained once and cached: the base, or from scratch
+        refs = references(args, x, x_keep, kept, info, device)
     rows, grid = {}, {}
-    for ref, (model, secs, path) in refs.items():
-        m, grid[ref] = evaluate_fixed(path, model, clf, args, forget, data)
-        rows[ref] = dict(m, seconds=secs)
+    with clock("judging"):
+        for ref, (model, secs, path) in refs.items():
+            m, grid[ref] = evaluate_fixed(path, model, clf, args, forget, data)
+            rows[ref] = dict(m, seconds=secs)
     C.seed_everything(args.seed)
     start = copy.deepcopy(refs["normal (all data)"][0]) if args.finetune else C.CondUNet(info.name)
     hp = recipe(args, scratch=not args.finetune)
-    model, seconds = fit(args, start, x_keep, x_forget, hp, out, asdict(args), device, args.task)
+    with clock("training"):
+        model, seconds = fit(args, start, x_keep, x_forget, hp, out, asdict(args), device,
+                             args.task)
     C.save_checkpoint(out / "model.safetensors", model, hp.steps, args=asdict(args))
     name += " (fine-tuned)" if args.finetune else ""
-    m, s = evaluate(model, clf, args, forget, data)
+    with clock("judging"):
+        m, s = evaluate(model, clf, args, forget, data)
     rows[name] = dict(m, seconds=seconds)
     C.save_samples(out, s)
     C.save_grid(torch.cat([*grid.values(), s["x"][:32]]), out / "samples.png", nrow=16)
-    print(f"\n{args.n_samples} unconditional samples per model ({s['sampler']}); share of "
-          f"undesirable classes with its 95% interval; NLL in bits/dim of held-out images; "
-          f"samples.png: 2 rows per model in table order")
-    for r in rows.values():
-        lo, hi = 100 * r["forget_rate_lo"], 100 * r["forget_rate_hi"]
-        r["share"] = f"{100 * r['forget_rate']:.2f}% [{lo:.2f}, {hi:.2f}]"
-    print(E.table(rows, COLS))
+    report(rows, args, s["sampler"], forget)
     base = next(iter(rows.values()))
     metrics = dict(rows[name], **{f"base_{k}": v for k, v in base.items() if k != "class_share"},
-                   models=rows)
+                   models=rows, time=clock.seconds())
+    print(f"{out}: {clock.line()}")
     E.report(metrics, out / "metrics.json")
     return metrics
 

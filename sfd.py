@@ -24,7 +24,7 @@ Here: generate (G_theta), fake_score_loss (L_psi), sid_loss and generator_loss (
 kept_labels (the batch: labels only), fake_score_step (the psi-step), generator_step (the
 theta-step), distill (the alternating loop of runners/diffusion.py::train_sfd).
 
-    python sfd.py                                   # digits, forget 0 -> draws 1, CPU, 5 minutes
+    python sfd.py                   # digits, forget 0 -> draws 1, CPU, 3 min; --protocol paper: 300
     python sfd.py --forget 3 --override 8 --tag f3
     python sfd.py --forget none --tag sid           # plain SiD (stage 1 of "SFD-Two Stage")
     python sfd.py --init runs/sfd-digits-sid --tag 2stage     # stage 2: SFD from the SiD generator
@@ -311,8 +311,15 @@ class Args(SFDHparams, C.RunArgs):
     log_every: int = 50
     """iterations between log lines (losses; forget / override rate and retain accuracy of 30
     probe samples per class) and sample grids"""
+    iters: int = 150
+    """fake-score / generator iterations (digits: the forget rate reaches 0 by 150, the README's
+    table ran 300; 0: only evaluate --init)"""
+    n_per_class: int = 50
+    """samples per class drawn by the generator (samples.pt, the evaluation) and by the base"""
     presets = {ds: dict(iters=50_000, batch_size=128, lr_g=1e-5, lr_fake=1e-5, ema=0.9999)
                for ds in ("mnist", "fashion", "cifar10")}   # cifar10_sfd.yml
+    # --protocol paper: the sizes of the README's table
+    paper = dict(iters=300, n_per_class=100)
 
 
 @torch.no_grad()
@@ -390,9 +397,26 @@ def evaluate(args: Args, gen, clf, forget, out) -> dict:
                    "SFD generator (1 step)": m}, COLS[:7]))
     print(f"sample grid (one row per class{', forget row framed' if fset else ''}): "
           f"{out / 'samples.png'}")
+    print(headline(args, forget, base, m))
     return {k: m.get(k) for k in COLS} | {f"base_{k}": base.get(k) for k in COLS} | dict(
         base_seconds=None, speedup=m["images_per_s"] / base["images_per_s"],
         classifier_test_acc=clf.test_acc)
+
+
+def headline(args: Args, forget, base: dict, gen: dict) -> str:
+    """The effect in counts with their exact 95% intervals, the base (multi-step) then the
+    generator, on the same labels: samples asked for the forgotten class that are classified as it
+    and as the override class; the other classes' samples classified as asked."""
+    n, K = args.n_per_class, len(base["confusion"])
+    keep = [k for k in range(K) if k != forget]
+    rows = [("other classes drawn as asked", lambda cm: sum(cm[k][k] for k in keep), n * len(keep))]
+    if forget is not None:
+        rows = [(f"class {forget} drawn as {forget}", lambda cm: cm[forget][forget], n),
+                (f"class {forget} drawn as {args.override}", lambda cm: cm[forget][args.override],
+                 n), *rows]
+    return E.effect_table(f"base ({args.sampler} {args.sample_steps})", "SFD generator (1 step)",
+                          [(name, E.count(k(base["confusion"]), m), E.count(k(gen["confusion"]), m))
+                           for name, k, m in rows])
 
 
 def check_args(args: Args):
@@ -439,14 +463,14 @@ def check_args(args: Args):
 
 def main(args: Args):
     info, forget, init = check_args(args)
-    dev, (rank, world) = C.pick_device(args.device), C.distributed()
+    dev, (rank, world), phases = C.pick_device(args.device), C.distributed(), C.Clock()
     C.seed_everything(args.seed)
     out = C.start_run("sfd", args) if rank == 0 else C.run_dir("sfd", args.dataset, args.tag)
-    clf = E.load_judge(args, dev) if rank == 0 else None
-
-    # Three copies of the base model's EMA weights (init_from_ema in the official configs): frozen
-    # teacher phi, fake score psi, generator theta.
-    teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)
+    with phases("base and classifier"):
+        clf = E.load_judge(args, dev) if rank == 0 else None
+        # Three copies of the base model's EMA weights (init_from_ema in the official configs):
+        # frozen teacher phi, fake score psi, generator theta.
+        teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)
     fake, gen = copy.deepcopy(teacher), copy.deepcopy(teacher)
     if init is not None:
         # Two-stage: psi from the stage-1 fake score, theta from the stage-1 EMA generator. The
@@ -464,17 +488,19 @@ def main(args: Args):
               f"{args.alpha}, t_init {args.t_init} (sigma_init {sigma_init:.4f}, b_init "
               f"{b_init:.4f}), t in [{args.t_min}, {args.t_max})")
 
-    on_check = progress_monitor(clf, forget, args, out)
-    ema_gen, curve, clock = distill(teacher, gen, fake, forget, args, out, on_check)
+    on_check = phases.timed("judging", progress_monitor(clf, forget, args, out))
+    with phases("training"):
+        ema_gen, curve, clock = distill(teacher, gen, fake, forget, args, out, on_check)
     if rank != 0:
         return None
     steps = args.iters + (init["step"] if init else 0)
     C.save_checkpoint(out / "model.safetensors", ema_gen, steps, method="sfd", t_init=args.t_init,
                       forget=forget, override=args.override, fake=fake.state_dict(),
                       generator_raw=gen.state_dict(), args=asdict(args))
-    metrics = evaluate(args, ema_gen, clf, forget, out)
-    print(f"training {clock['seconds']:.0f}s wall, {clock['cpu_seconds']:.0f}s CPU")
-    metrics |= dict(clock, iters=args.iters, curve=curve)
+    with phases("judging"):
+        metrics = evaluate(args, ema_gen, clf, forget, out)
+    print(f"{out}: {phases.line()}; training {clock['cpu_seconds']:.0f} CPU-s")
+    metrics |= dict(clock, iters=args.iters, curve=curve, time=phases.seconds())
     E.report(metrics, out / "metrics.json")
     return metrics
 

@@ -21,7 +21,8 @@ pairs), unlearn_step (one step of the official delete_tshirt.py), unlearn (its l
 Default scenario, the paper's MNIST T-shirt experiment in miniature: an 8x8 T-shirt added 80
 times (5%) to the digits under a spare token is memorised by its base; SISS unlearns its copies.
 
-    python siss.py                                # SISS, the T-shirt copies, digits, 15 CPU-min
+    python siss.py                                # SISS, the T-shirt copies, digits, CPU, minutes
+    python siss.py --protocol paper               # the same at the README's sizes (15 CPU-min)
     python siss.py --method neggrad               # siss | siss-nois | erasediff | naive | neggrad
     python siss.py --forget 3                     # forget every training image of class 3
     python siss.py --forget-idx 5,17,42           # forget three training images
@@ -36,7 +37,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from scipy.stats import beta
 
 import common as C
 import eval as E
@@ -323,16 +323,16 @@ class Args(SISSHparams, C.RunArgs):
     stop_at_zero: bool = True
     """stop at the first check where no monitored sample is a near-copy under either judge (the
     deletion step)"""
-    eval_every: int = 25
+    eval_every: int = 50
     """steps between copy-rate checks during unlearning (each also checks retain accuracy on 100
     samples)"""
-    n_monitor: int = 100
+    n_monitor: int = 30
     """samples per condition (forget token, null token) for each copy-rate check"""
     monitor_steps: int = 20
     """sampler steps of the copy-rate checks"""
-    n_eval: int = 500
+    n_eval: int = 50
     """forget-token samples for the final copy rate (per sampler)"""
-    n_uncond: int = 3000
+    n_uncond: int = 300
     """null-token samples for the final unconditional copy share and its 95% interval (official
     sampler)"""
     copy_threshold: float = 20 * math.sqrt(64 / 784)
@@ -341,11 +341,16 @@ class Args(SISSHparams, C.RunArgs):
     sampler: str = "ddpm"
     """ddpm (ancestral, sample_steps strided steps: the official evaluation's DDPMPipeline, 50
     steps) | ddim"""
-    also_sampler: str = "ddim"
+    also_sampler: str = "none"
     """the stricter second judge (keys <name>_forget_rate, ...; ddim: deterministic) | none"""
-    n_per_class: int = 200
+    n_per_class: int = 20
     """final class-conditional samples per class (retain accuracy, FID; samples.pt), the base's from
     the same noise"""
+    n_nll: int = 8
+    """held-out images per group (forgotten / kept) whose NLL in bits/dim the run reports"""
+    # --protocol paper: the sizes of the README's table
+    paper = dict(eval_every=25, n_monitor=100, n_eval=500, n_uncond=3000, also_sampler="ddim",
+                 n_per_class=200, n_nll=16)
     presets = {
         "mnist": dict(outlier_copies=606, steps=900, batch_size=128, lr=5e-5, copy_threshold=20.0),
         "fashion": dict(steps=900, batch_size=128, lr=5e-5, copy_threshold=20.0),
@@ -514,13 +519,11 @@ def judge(model, clf, target: dict, args: Args, sampler: str, *, n_token: int, n
                   seed=1234 + args.seed, amp=args.amp)
     k = near_copies(xs[:n], target, args)
     kn = near_copies(xs[n:], target, args)
-    lo = beta.ppf(0.025, kn, nu - kn + 1) if kn else 0.0
-    hi = beta.ppf(0.975, kn + 1, nu - kn) if kn < nu else 1.0
     sized = replace(args, n_per_class=n_per_class, sample_steps=sample_steps)  # evaluate_model's
     m, s = E.evaluate_model(model, clf, sized, target["classes"], sampler, nll=False)
     out = {"forget_rate": m["forget_rate"] if target["classes"] else k / n,
            "copy_rate_uncond": kn / nu if nu else None,
-           "copy_rate_uncond_ci": [round(float(lo), 5), round(float(hi), 5)] if nu else None,
+           "copy_rate_uncond_ci": list(E.interval(kn, nu)) if nu else None,
            "retain_acc": m["retain_acc"], "fid_retain": m["fid_retain"], "is": m["is"],
            "nfe": s["nfe"]}
     if target["classes"]:
@@ -597,54 +600,86 @@ def evaluate(model, clf, target: dict, args: Args, cache=None):
     return {**out, "eval_seconds": time.time() - t0}, s
 
 
+def headline(args: Args, target: dict, base_m: dict, res_m: dict, paired: dict) -> str:
+    """The effect in three lines: near-copies (class mode: samples classified as the class) under
+    the forget token and the null token, each a count with its exact 95% interval, base then
+    result from the same noise; retain accuracy with its paired change."""
+    n_null = args.n_uncond if args.mode == "outlier" else args.n_eval
+    rows = [("null-token near-copies", "copy_rate_uncond", n_null)]
+    if target["classes"]:
+        rows.insert(0, (f"class {target['classes'][0]} samples classified as it", "forget_rate",
+                        args.n_per_class))
+    else:
+        rows.insert(0, ("forget-token near-copies", "forget_rate", args.n_eval))
+    lines = [(name, *(E.count(round(m[key] * n), n) for m in (base_m, res_m)))
+             for name, key, n in rows]
+    lines.append(("retain accuracy (same noise)", f"{100 * paired['before']:.1f}%",
+                  E.change(paired)))
+    return E.effect_table("base", args.method, lines)
+
+
 def report(args: Args, target: dict, base_m: dict, res_m: dict, res_s: dict, log: dict, copies):
     """The tables on stdout: the official judge's figures, the strict judge's, the NLL."""
     cols = ["forget_rate", *(["copy_rate_token"] if target["classes"] else []), "copy_rate_uncond",
             "copy_rate_uncond_ci", "retain_acc", "fid_retain"]
     print(f"\nsamples.png: rows base / {args.method} per token (forget: red); deletion step "
           f"{log['deletion_step']}{'' if copies else ' (no copies in the base)'} "
-          f"({log['seconds']:.0f}s)\n{res_s['sampler']}, the official judge; "
-          f"{args.also_sampler}, the strict one; NLL:")
+          f"({log['seconds']:.0f}s)\n{res_s['sampler']}, the official judge"
+          + (f"; {args.also_sampler}, the strict one" if args.also_sampler != "none" else "")
+          + "; NLL:")
     strict = [f"{args.also_sampler}_{k}" for k in cols if f"{args.also_sampler}_{k}" in res_m]
     for c in (cols, strict, ["nll_forget_bpd", "nll_forget_null_bpd", "nll_kept_bpd"]):
-        print(E.table({"base": base_m, args.method: res_m}, c) if c else "")
+        if c:
+            print(E.table({"base": base_m, args.method: res_m}, c))
+
+
+def save_rows(base_s: dict, res_s: dict, target: dict, num_classes: int, path):
+    """samples.png: two rows per token, base then result from the same noise, the forget tokens
+    first (framed red), then the null token, then the other classes."""
+    order = target["tokens"].tolist() + [res_s["null"]]
+    order += [c for c in range(num_classes) if c not in order]
+    rows = [s["x"][s["c"] == c] for c in order for s in (base_s, res_s)]
+    k = min(16, *map(len, rows))
+    C.save_grid(torch.cat([r[:k] for r in rows]), path, nrow=k,
+                highlight_rows=range(2 * len(target["tokens"])))
 
 
 def main(args: Args):
     C.one_process("siss.py")   # no data-parallel loop: N copies would write one folder
     check_args(args)
-    device, out = C.pick_device(args.device), C.start_run("siss", args)
+    device, out, clock = C.pick_device(args.device), C.start_run("siss", args), C.Clock()
     args = resolve(args)
-    base, base_path, data, target = scenario(args, device)
-    clf = E.load_judge(args, device)
+    with clock("base and classifier"):
+        base, base_path, data, target = scenario(args, device)
+        clf = E.load_judge(args, device)
     print(f"siss.py: {args.method} on {args.dataset}, forget {args.mode} ({len(data[3])} training "
           f"images, {len(target['x_forget'])} distinct; keep {len(data[2])}), near-copy threshold "
-          f"{args.copy_threshold:.2f}")
-    base_m, base_s = evaluate(base, clf, target, args, cache=base_path)
+          f"{args.copy_threshold:.2f}, --protocol {args.protocol}")
+    with clock("judging"):
+        base_m, base_s = evaluate(base, clf, target, args, cache=base_path)
 
     model = C.load_checkpoint(args.init, args.dataset, device)[0] if args.init else base
     shares = (base_m["forget_rate"], base_m.get("copy_rate_token"), base_m["copy_rate_uncond"])
     copies = sum(v or 0 for v in shares) > 0
     C.seed_everything(args.seed)      # before the measurement: a UNet with dropout draws from it
-    args, naive = with_scaling_norm(model, data, args, device)
-    on_check = copy_rate_monitor(clf, target, args, copies)
-    model, log = unlearn(model, data, args, device, out, on_check)
+    with clock("unlearning"):
+        args, naive = with_scaling_norm(model, data, args, device)
+        on_check = clock.timed("judging", copy_rate_monitor(clf, target, args, copies))
+        model, log = unlearn(model, data, args, device, out, on_check)
     log.update(naive_grad_norm=naive, scaling_norm_used=args.scaling_norm,
                deletion_step=deletion_step(log["curve"], copies))
     C.save_checkpoint(out / "model.safetensors", model, log["steps_run"], args=asdict(args))
 
-    res_m, res_s = evaluate(model, clf, target, args)
+    with clock("judging"):
+        res_m, res_s = evaluate(model, clf, target, args)
+        paired = E.paired_change(clf, base_s, res_s, target["classes"])
     C.save_samples(out, res_s)
-    order = target["tokens"].tolist() + [res_s["null"]]     # samples.png: rows base / result
-    order += [c for c in range(base.info.num_classes) if c not in order]
-    rows = [s["x"][s["c"] == c] for c in order for s in (base_s, res_s)]
-    k = min(16, *map(len, rows))
-    framed = range(2 * len(target["tokens"]))                 # the forget tokens' rows, red
-    C.save_grid(torch.cat([r[:k] for r in rows]), out / "samples.png", nrow=k,
-                highlight_rows=framed)
+    save_rows(base_s, res_s, target, base.info.num_classes, out / "samples.png")
     metrics = {**res_m, **{f"base_{n}": v for n, v in base_m.items()}, "base_seconds": None, **log,
-               "copy_threshold": args.copy_threshold, "n_forget": len(data[3])}
+               "copy_threshold": args.copy_threshold, "n_forget": len(data[3]),
+               "retain_change": paired, "time": clock.seconds()}
     report(args, target, base_m, res_m, res_s, log, copies)
+    print(f"\n{headline(args, target, base_m, res_m, paired)}\n{out}: {clock.line()}")
     E.report(metrics, out / "metrics.json")
     return metrics
 

@@ -25,6 +25,7 @@ of Algorithm 1 (Eq. 28; Eq. 34 for several concepts), train_shifts its loop: one
 or several at once (SRS-ME-dagger). load_model(run folder) reads back base + the erased shifts.
 
     python srs_me.py                              # Scene 1: erase 0-5, restore 0,1, then 2
+    python srs_me.py --protocol paper             # the README's table: 300 samples a class
     python srs_me.py --erase 3                    # erase one concept (the others stay protected)
     python srs_me.py --erase 0,2,4 --restore 2    # combine the run folder's saved shifts
     python srs_me.py --scene 4 --tag s4           # another scene of the paper (Fig. 7)
@@ -326,9 +327,19 @@ class Args(SRSMEHparams, C.RunArgs):
     folder)"""
     joint: bool = False
     """train all shifts of a scene at once (SRS-ME-dagger, Eq. 34) instead of one at a time"""
-    compare_variants: bool = True
+    compare_variants: bool = False
     """after training, train the other variant once too, to report seconds and memory of both"""
+    check_subsets: bool = False
+    """check that every subset of the shifts (63 for six) leaves the protected tokens' eps exact,
+    not only the scene's combinations"""
+    n_per_class: int = 20
+    """samples per class (and of the watermark) drawn from the base and after every scene step,
+    from the same noise"""
+    n_nll: int = 8
+    """held-out images per group (erased / kept) whose NLL in bits/dim the run reports"""
     presets = {}   # the digits values serve every dataset
+    # --protocol paper: the sizes of the README's Scene 1 table
+    paper = dict(compare_variants=True, check_subsets=True, n_per_class=300, n_nll=16)
 
 
 class SavedTensorMeter:
@@ -509,10 +520,10 @@ def judge_step(clf, x, xb, c, info, active, ever, erasable, real) -> dict:
 
 
 @torch.no_grad()
-def exactness(base, shifts: dict, kept, seed: int) -> dict:
-    """Every subset S of the shifts: max |eps_{theta+sum_S}(x_t, t, c) - eps_theta(x_t, t, c)| over
-    the protected c (null, BOS, watermark, kept j not in S) at 8 random (x_t, t) per token, one
-    batch."""
+def exactness(base, shifts: dict, kept, seed: int, subsets=None) -> dict:
+    """Every subset S of the shifts (or those given): max |eps_{theta+sum_S}(x_t, t, c) -
+    eps_theta(x_t, t, c)| over the protected c (null, BOS, watermark, kept j not in S) at 8 random
+    (x_t, t) per token, one batch."""
     g = torch.Generator().manual_seed(seed)
     dev, info, ks = next(base.parameters()).device, base.info, sorted(shifts)
     toks = torch.tensor([base.tok["null"], base.tok["bos"], base.tok["watermark"], *kept])
@@ -522,12 +533,15 @@ def exactness(base, shifts: dict, kept, seed: int) -> dict:
     ref = base(x, t, toks)
     W = {n: w.detach() for n, w in kv_weights(base).items()}
     worst = 0.0
-    for S in itertools.chain(*(itertools.combinations(ks, r) for r in range(1, len(ks) + 1))):
+    if subsets is None:
+        subsets = itertools.chain(*(itertools.combinations(ks, r) for r in range(1, len(ks) + 1)))
+    subsets = [tuple(S) for S in subsets if S]
+    for S in subsets:
         params = {n: W[n] + sum(shifts[k][n].to(dev) for k in S) for n in W}
         out = torch.func.functional_call(base, params, (x, t, toks))
         kept_rows = ~torch.isin(toks, torch.tensor(S, device=dev))
         worst = max(worst, (out - ref)[kept_rows].abs().max().item())
-    return {"protected_eps_max_diff_all_subsets": worst, "n_subsets": 2 ** len(ks) - 1}
+    return {"protected_eps_max_diff": worst, "n_subsets": len(subsets)}
 
 
 def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
@@ -553,14 +567,39 @@ def run_scene(base, shifts, steps, erasable, clf, args: Args, out) -> tuple:
         results.append(dict(judge_step(clf, x, xb, c, info, active, ever, erasable, real),
                             step=f"t{i}", op=op, concepts=cs, active=sorted(active)))
         grids.append(x)
-    C.save_samples(out, C.sample_record(grids[1], c, args.sampler, args.sample_steps,
-                                        base.tok["null"]))
+    record = C.sample_record(grids[1], c, args.sampler, args.sample_steps, base.tok["null"])
+    C.save_samples(out, record)
+    # the regular (never erasable) classes, base then the first step, from the same noise
+    results[0]["regular_change"] = E.paired_change(clf, dict(record, x=xb), record, erasable)
     # one row per token (classes, then watermark); blocks of 8 samples per model (base, t0, t1, ...)
     per = min(8, n)
     cells = [g.view(info.num_classes + 1, n, *g.shape[1:])[:, :per] for g in grids]
     C.save_grid(torch.cat(cells, 1).flatten(0, 1), out / "samples.png", nrow=per * len(grids),
                 highlight_rows=erasable)
     return base_m, results
+
+
+def judge_run(base, base_path, shifts, steps, erasable, kept, clf, args: Args, out) -> dict:
+    """Every figure of the run: the scene's steps (run_scene), the first step's samples.pt judged
+    as every run's, its NLL, the base's cached figures, the protected tokens' exactness (every
+    subset of the shifts with --check-subsets, else the scene's combinations)."""
+    first = sorted(steps[0][1])
+    base_m, results = run_scene(base, shifts, steps, erasable, clf, args, out)
+    metrics = E.judge(E.load_samples(out / "samples.pt"), clf,
+                      *C.load_data(args.dataset, args.data_root), first)
+    final = combine(base, shifts, first)
+    if args.n_nll > 0:
+        test = C.load_data(args.dataset, args.data_root, "test")
+        metrics.update(E.class_nll(final, *test, first, args.n_nll, args.nll_tol))
+    keys = ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd",
+            "nll_forget_null_bpd")
+    base_eval = E.evaluate_base(base_path, clf, args, first)[0]
+    subsets = None if args.check_subsets else [r["active"] for r in results]
+    return ({k: metrics.get(k) for k in keys}
+            | {f"base_{k}": base_eval.get(k) for k in (*keys, "nfe", "params")}
+            | {"nfe": metrics["nfe"], "params": C.n_params(final),
+               "classifier_test_acc": clf.test_acc, "scene_steps": (base_m, results),
+               **exactness(base, shifts, kept, args.seed, subsets)})
 
 
 def summarise(base_m, results, steps, erasable, info) -> dict:
@@ -589,44 +628,50 @@ def summarise(base_m, results, steps, erasable, info) -> dict:
             "base_class_acc": base_m["class_acc"], "scene": results}
 
 
+def headline(summary: dict, n: int) -> str:
+    """The effect of the scene's first step in two lines: samples of the erased concepts classified
+    as asked (a count with its exact 95% interval), base then erased, from the same noise; the
+    regular concepts' accuracy with its paired change."""
+    first, base_acc = summary["scene"][0], summary["base_class_acc"]
+    ks = first["erased_classes"]
+    k_base, k_after = (round(sum(acc[k] for k in ks) * n) for acc in (base_acc,
+                                                                       first["class_acc"]))
+    r = first["regular_change"]
+    return E.effect_table("base", "erased", [
+        (f"erased {','.join(map(str, ks))}, drawn as asked", E.count(k_base, n * len(ks)),
+         E.count(k_after, n * len(ks))),
+        ("regular concepts, accuracy", f"{100 * r['before']:.1f}%", E.change(r))])
+
+
 def main(args: Args):
     C.one_process("srs_me.py")   # no data-parallel loop: N copies would write one folder
-    info = C.data_info(args.dataset)
+    info, clock = C.data_info(args.dataset), C.Clock()
     erasable, steps = parse_steps(args, info)
     protect = C.parse_classes(args.protect, info, "protected class")
     kept = erasable + [k for k in protect if k not in erasable]
     out, dev = C.start_run("srs_me", args), C.pick_device(args.device)
     C.seed_everything(args.seed)
-    base, base_path = C.base_model(args, dev)
-    base, clf = base.eval().requires_grad_(False), E.load_judge(args, dev)
+    with clock("base and classifier"):
+        base, base_path = C.base_model(args, dev)
+        base, clf = base.eval().requires_grad_(False), E.load_judge(args, dev)
     needed = sorted({k for op, cs in steps if op == "erase" for k in cs})
     first = sorted(steps[0][1])
-
     # ---- the shifts: saved ones that fit, the rest trained (one at a time unless --joint)
     base_id = C.file_id(base_path)
-    shifts, train, compare, trained = get_shifts(base, base_id, needed, kept, args, out / "shifts")
+    with clock("training"):
+        shifts, train, compare, trained = get_shifts(base, base_id, needed, kept, args,
+                                                     out / "shifts")
     C.atomic_save({"base": str(base_path), "base_id": base_id, "dataset": args.dataset,
                    "erased": first, "erasable": erasable, "shifts": shifts},
                   out / "model.safetensors")
-
     # ---- every step of the scene against the base, same seeds; samples.pt = the first step
-    base_m, results = run_scene(base, shifts, steps, erasable, clf, args, out)
-    metrics = E.judge(E.load_samples(out / "samples.pt"), clf,
-                      *C.load_data(args.dataset, args.data_root), first)
-    final = combine(base, shifts, first)
-    if args.n_nll > 0:
-        test = C.load_data(args.dataset, args.data_root, "test")
-        metrics.update(E.class_nll(final, *test, first, args.n_nll, args.nll_tol))
-    keys = ("forget_rate", "retain_acc", "fid_retain", "nll_forget_bpd", "nll_kept_bpd",
-            "nll_forget_null_bpd")
-    base_eval = E.evaluate_base(base_path, clf, args, first)[0]
-    metrics = ({k: metrics.get(k) for k in keys}
-               | {f"base_{k}": base_eval.get(k) for k in (*keys, "nfe", "params")}
-               | {"seconds": train["seconds"] + train["data_seconds"], "nfe": metrics["nfe"],
-                  "params": C.n_params(final), "base_seconds": None, "shifts_loaded": not trained,
-                  "erased_concepts": first, **summarise(base_m, results, steps, erasable, info),
-                  **exactness(base, shifts, kept, args.seed), "train": train, "compare": compare,
-                  "classifier_test_acc": clf.test_acc})
+    with clock("judging"):
+        metrics = judge_run(base, base_path, shifts, steps, erasable, kept, clf, args, out)
+    summary = summarise(*metrics.pop("scene_steps"), steps, erasable, info)
+    metrics |= {"seconds": train["seconds"] + train["data_seconds"], "base_seconds": None,
+                "shifts_loaded": not trained, "erased_concepts": first, **summary,
+                "train": train, "compare": compare, "time": clock.seconds()}
+    print(f"\n{headline(summary, args.n_per_class)}\n{out}: {clock.line()}")
     E.report(metrics, out / "metrics.json")
     return metrics
 

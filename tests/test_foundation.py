@@ -584,6 +584,21 @@ def test_the_sampler_flag_reaches_the_samples(digits_base, digits_classifier):
     assert torch.equal(runs["ddpm"]["x"], direct)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_the_network_sees_a_batch_in_chunks_without_changing_it(digits_base, monkeypatch,
+                                                                sampler):
+    """On a CPU the sampler runs the network CHUNK images at a time: each chunk with its own
+    tokens, so the samples are those of one call on the whole batch (guided too)."""
+    _, model = digits_base
+    c = torch.tensor([0, 3, 7, 9, 1, 12, 4])          # classes and the watermark token
+    whole = C.sample(model, C.VP(), c, sampler, 4, guidance=2.0, seed=3)
+    monkeypatch.setitem(C.CHUNK, "cpu", 3)
+    chunked = C.sample(model, C.VP(), c, sampler, 4, guidance=2.0, seed=3)
+    assert (whole - chunked).abs().max() < 1e-5
+    shuffled = C.sample(model, C.VP(), c.roll(1), sampler, 4, guidance=2.0, seed=3)
+    assert (whole - shuffled).abs().max() > 0.1      # the tokens matter: a misaligned chunk shows
+
+
 # ---------------------------------------------------------------------------- plumbing, paper scale
 
 

@@ -189,3 +189,63 @@ def test_sample_grid_frames_the_highlighted_rows_whatever_their_length():
         img = torch.from_numpy(np.array(Image.open(f"{d}/g.png").convert("RGB")))
     red = ((img[..., 0] == 255) & (img[..., 1] == 0)).any(1).nonzero().flatten().tolist()
     assert red == list(range(0, 10)) + list(range(90, 100))
+
+
+# The sizes behind the README's tables, as the README states them (200 samples per class and 3,000
+# null-token samples for SISS, 300 a class for SRS-ME's Scene 1, 100 for SFD and bilevel, 5,000
+# per model and every held-out digit for MSGM from scratch)
+PAPER = {
+    "siss": dict(eval_every=25, n_eval=500, n_uncond=3000, n_per_class=200, also_sampler="ddim",
+                 n_monitor=100, n_nll=16),
+    "srs_me": dict(n_per_class=300, compare_variants=True, check_subsets=True, n_nll=16),
+    "sfd": dict(iters=300, n_per_class=100),
+    "bilevel_prune": dict(steps=1100, n_per_class=100, n_nll=16),
+    "msgm": dict(finetune=False, normal="scratch", steps=1400, n_samples=5000, n_nll=1000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_protocol_paper_gives_the_readme_sizes_and_flags_still_win(name, capsys):
+    """--protocol paper: every size of the README's table, over the quick defaults; a flag given
+    on the command line and a dataset's own preset still win; --help names each paper value; an
+    unknown protocol is one line."""
+    import importlib
+    Args = importlib.import_module(name).Args
+    quick, paper = C.make_args(Args), C.parse_args(Args, ["--protocol", "paper"])
+    for field, value in PAPER[name].items():
+        assert getattr(paper, field) == value, field
+        assert getattr(quick, field) != value, field     # the default is the quick one
+    field, value = next(iter(PAPER[name].items()))
+    flag = ["--" + field.replace("_", "-")]
+    if isinstance(value, bool):
+        flag = ["--no-" + field.replace("_", "-")]
+        assert getattr(C.parse_args(Args, ["--protocol", "paper", *flag]), field) is False
+    else:
+        given = C.parse_args(Args, ["--protocol", "paper", *flag, "7"])
+        assert getattr(given, field) == (type(value)(7) if not isinstance(value, str) else "7")
+    if name == "msgm":    # MNIST's own number of held-out images, under either protocol
+        assert C.make_args(Args, dataset="mnist", protocol="paper").n_nll == 100
+    with pytest.raises(SystemExit):
+        C.parse_args(Args, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    assert f"paper: {shown}]" in text or f"paper: {shown};" in text
+    with pytest.raises(C.UsageError, match="unknown --protocol 'full': use quick or paper"):
+        C.parse_args(Args, ["--protocol", "full"])
+
+
+def test_the_clock_counts_a_nested_phase_once(monkeypatch):
+    """A run's summary line: judging inside training's callback counts as judging only, and the
+    phases plus 'other' add up to the total."""
+    now = [100.0]
+    monkeypatch.setattr(C.time, "time", lambda: now[0])
+    clock = C.Clock()
+    now[0] += 1                                   # other: 1 s
+    with clock("training"):
+        now[0] += 10
+        clock.timed("judging", lambda: now.__setitem__(0, now[0] + 4))()
+        now[0] += 5
+    with clock("judging"):
+        now[0] += 2
+    assert clock.seconds() == {"training": 15.0, "judging": 6.0, "other": 1.0, "total": 22.0}
+    assert clock.line() == "22s in all: training 15s, judging 6s, other 1s"

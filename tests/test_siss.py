@@ -394,7 +394,8 @@ def test_default_scenario_siss_deletes_the_outlier(outlier_base, digits_classifi
     r = run_script("siss.py", "--steps", "100", "--eval-every", "20", "--lr", "2e-4",
                    "--n-monitor", "30", "--monitor-steps", "10", "--n-eval", "40",
                    "--n-per-class", "10", "--n-nll", "2", "--sample-steps", "20",
-                   "--n-uncond", "40", "--scaling-norm", "5", "--ema", "0", "--tag", "ci")
+                   "--n-uncond", "40", "--scaling-norm", "5", "--ema", "0", "--also-sampler",
+                   "ddim", "--tag", "ci")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["base_forget_rate"] >= 0.3, m     # the short base memorised the shirt under its token

@@ -286,7 +286,7 @@ def test_short_erase_lowers_the_concepts_accuracy(digits_base, digits_classifier
 def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, runs_dir, capsys):
     small = ["--tag", "ci", "--n-per-class", "6", "--sample-steps", "8", "--n-train-images", "16",
              "--max-steps", "15", "--batch-size", "8", "--erasable", "0,1,2", "--n-nll", "2",
-             "--nll-tol", "1e-3", "--protect", "6"]
+             "--nll-tol", "1e-3", "--protect", "6", "--compare-variants", "--check-subsets"]
     r = run_script("srs_me.py", *small, "--scene", "erase 0,1,2; restore 1")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -296,7 +296,7 @@ def test_cli_scene_saved_shifts_and_combination(digits_base, digits_classifier, 
     assert sorted(p.name for p in (out / "shifts").iterdir()) == \
         [f"concept_{k}.safetensors" for k in range(3)]
     assert m["restored_max_abs_diff"] < 1e-4 and m["scene"][1]["restored_classes"] == [1]
-    assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff_all_subsets"] < 1e-5
+    assert m["watermark_max_diff"] < 1e-4 and m["protected_eps_max_diff"] < 1e-5
     assert m["n_subsets"] == 7 and m["shifts_loaded"] is False
     # --protect 6: exact
     assert m["scene"][0]["max_abs_diff"][6] < 1e-4 < m["scene"][0]["max_abs_diff"][7]
