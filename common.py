@@ -21,6 +21,7 @@ Run it to pretrain (or find) the base model and write its samples (samples.pt, s
 
     python common.py                                    # bundled 8x8 digits, CPU, about 4 minutes
     python common.py --drop-classes 0 --tag no0         # the gold-standard retrain without class 0
+    python common.py --dataset mnist --steps 2 --n-per-class 1   # the MNIST path on a CPU: 2 min
     python common.py --dataset cifar10 --device cuda    # the DDPM recipe on CIFAR-10 (800k steps)
     torchrun --nproc_per_node 4 common.py --dataset cifar10 # the same, data-parallel on 4 GPUs
 """
@@ -348,7 +349,7 @@ CHUNK = {"cpu": 250}
 @torch.inference_mode()
 def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 50,
            guidance: float = 1.0, seed: int = 0, batch: int = 1000, progress: bool = True,
-           amp: bool = False) -> torch.Tensor:
+           amp="off") -> torch.Tensor:
     """Draw len(c) images for the token ids in c (clipped to [-1, 1]); deterministic given seed.
 
     ddim: eta = 0, `steps` evenly spaced timesteps.
@@ -357,8 +358,8 @@ def sample(model, vp: VP, c: torch.Tensor, sampler: str = "ddim", steps: int = 5
     em: Euler-Maruyama on the reverse VP-SDE from t = 1 to 1e-3 with `steps` steps, noise-free last
     step.
     batch: images drawn from one stream of noise (the samples depend on it; on a CPU the network
-    sees them CHUNK at a time, which does not change them). amp: the network in bf16 autocast on
-    CUDA (the update arithmetic stays float32). progress: a bar of network calls, shown once
+    sees them CHUNK at a time, which does not change them). amp: the network under autocast (see
+    amp_dtype; the update arithmetic stays float32). progress: a bar of network calls, shown once
     sampling has taken 3 seconds."""
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}: use ddim, ddpm or em")
@@ -435,7 +436,7 @@ def training_set(dataset: str, root: str = "data", extra=None, drop_classes=()):
     return torch.cat(xs), torch.cat(ys)
 
 
-def denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, amp: bool) -> float:
+def denoising_step(net, model, opt, scaler, ema, vp, x0, t, c, noise, amp) -> float:
     """One step of the base's training (DDPM's eps-MSE): the loss under autocast, backward,
     gradients clipped to norm 1, the optimiser, the EMA. net is model or its compiled /
     data-parallel wrapper. Returns the loss."""
@@ -586,16 +587,21 @@ class RunArgs:
     """What every method run shares (each method's Args extends it): data, device, seed, run folder,
     and the size of the evaluation that writes samples.pt and metrics.json."""
     dataset: str = "digits"
-    """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root).
+    MNIST / Fashion on a CPU (1 thread): about 30 s per pretraining step of batch 128 (17.6M
+    parameters) and 2.4 s per DDIM-50 sample, so only small budgets (--steps 2 --n-per-class 1:
+    under 2 minutes); their 50,000-step recipe is for a GPU (not yet timed on one)"""
     data_root: str = "data"
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
-    amp: bool = False
-    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU
-    (TF32 matmuls are on for every CUDA run, with or without it)"""
+    amp: str = "off"
+    """mixed precision: off | auto (`--amp` alone: bf16 where the device has it, else fp16) | bf16 |
+    fp16 (with loss scaling; on a CPU too). Off by default: no gain on a CPU without bf16 units,
+    not yet measured on a GPU (TF32 matmuls are on for every CUDA run, with or without it)"""
     compile: bool = False
-    """torch.compile the network being trained (CUDA; the first steps are slow while it compiles)"""
+    """torch.compile the network being trained (on a CPU it needs a C++ compiler; the first steps
+    are slow while it compiles)"""
     seed: int = 0
     """seed for initialisation, batches, noise and sampling"""
     tag: str = ""
@@ -688,6 +694,16 @@ def paper_values(cls) -> dict:
     return out
 
 
+def unsupported(cls) -> dict:
+    """{field: why}: run options an Args class inherits but its method has no use for (its
+    `unsupported` class attributes merged over those of its bases); given on the command line, each
+    is one line of error."""
+    out = {}
+    for k in reversed(cls.__mro__):
+        out.update(k.__dict__.get("unsupported", {}))
+    return out
+
+
 def make_args(cls, **given):
     """cls(**given), every field not given taking the dataset's preset, else under --protocol paper
     its paper value, else its default."""
@@ -714,7 +730,7 @@ def parse_args(cls, argv=None):
     p = _Parser(description=doc.split("\n")[0].replace("%", "%%"),
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=("examples:\n  " + "\n  ".join(usage)).replace("%", "%%") if usage else None)
-    docs, pre, paper = _field_docs(cls), presets(cls), paper_values(cls)
+    docs, pre, paper, unused = _field_docs(cls), presets(cls), paper_values(cls), unsupported(cls)
     show = lambda v: f"{v:g}" if isinstance(v, float) else repr(v) if v == "" else str(v)
     types = {"int": int, "float": float, "str": str}
     for f in _fields(cls):
@@ -725,10 +741,16 @@ def parse_args(cls, argv=None):
         used = show(f.default) + "".join(f"; {', '.join(d)}: {v}" for v, d in groups.items())
         if f.name in paper and paper[f.name] != f.default:
             used += f"; paper: {show(paper[f.name])}"
-        help_ = f"{docs.get(f.name, '')} [{used}]".replace("%", "%%")
+        help_ = f"{docs.get(f.name, '')} [{used}]"
+        if f.name in unused:
+            help_ = f"not used by this method: {unused[f.name]}"
+        help_ = help_.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
+        elif f.name == "amp":   # `--amp` alone asks for the device's own choice
+            p.add_argument(flag, nargs="?", const="auto", choices=AMP, default=argparse.SUPPRESS,
                            help=help_)
         else:
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
@@ -739,6 +761,9 @@ def parse_args(cls, argv=None):
     defaults = {f.name: f.default for f in _fields(cls)}
     for name, v in given.items():   # numbers a run cannot mean: one line before any work
         flag = "--" + name.replace("_", "-")
+        if name in unused and v != defaults[name]:
+            script = Path(getattr(sys.modules[cls.__module__], "__file__", "this method")).name
+            raise UsageError(f"{flag}: not used by {script}: {unused[name]}")
         if isinstance(v, float) and not math.isfinite(v):
             raise UsageError(f"{flag} {v}: must be a finite number")
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -889,26 +914,40 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype() -> torch.dtype:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+AMP = ("off", "auto", "bf16", "fp16")   # the values of --amp (`--amp` alone: auto)
 
 
-def autocast(device, enabled: bool = True):
-    """Mixed precision for a forward pass: bf16 (fp16 on older cards) autocast on CUDA; a no-op
-    elsewhere."""
-    device = torch.device(device)
-    if not enabled or device.type != "cuda":
+def amp_dtype(device, amp="auto") -> torch.dtype | None:
+    """The autocast dtype of --amp on a device, None when off. auto: bf16 where the device computes
+    in it (CPU, MPS, CUDA from Ampere on), else fp16; bf16 / fp16 as asked (fp16 also on a CPU,
+    where it exercises loss scaling). True and False, as older code passes them: auto and off."""
+    amp = {True: "auto", False: "off", None: "off"}.get(amp, amp)
+    if amp not in AMP:
+        raise UsageError(f"unknown --amp {amp!r}: use {', '.join(AMP)}")
+    if amp == "off":
+        return None
+    if amp == "auto":
+        dev = torch.device(device)
+        old_card = dev.type == "cuda" and not torch.cuda.is_bf16_supported()
+        return torch.float16 if old_card else torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device, amp="auto"):
+    """Mixed precision for a forward pass: torch.autocast in amp_dtype(device, amp) on any device;
+    a no-op when amp is off."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype())
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def grad_scaler(device, enabled: bool = True):
+def grad_scaler(device, amp="auto"):
     """Loss scaling for fp16 autocast; a pass-through (scale, unscale_, step, update do nothing
     extra) in every other case, so a training loop calls it unconditionally."""
-    on = enabled and torch.device(device).type == "cuda" and amp_dtype() == torch.float16
-    return torch.amp.GradScaler("cuda" if on else "cpu", enabled=on)
+    kind = torch.device(device).type
+    on = amp_dtype(device, amp) == torch.float16
+    return torch.amp.GradScaler(kind if on else "cpu", enabled=on)
 
 
 def distributed() -> tuple[int, int]:
@@ -1442,7 +1481,10 @@ def class_tokens(num_classes: int, per_class: int) -> torch.Tensor:
 @dataclass
 class Args:
     dataset: str = "digits"
-    """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root)"""
+    """digits (bundled, CPU) | mnist | fashion | cifar10 (torchvision download into --data-root).
+    MNIST / Fashion on a CPU (1 thread): about 30 s per pretraining step of batch 128 (17.6M
+    parameters) and 2.4 s per DDIM-50 sample, so only small budgets (--steps 2 --n-per-class 1:
+    under 2 minutes); their 50,000-step recipe is for a GPU (not yet timed on one)"""
     threads: int = default_threads()
     """CPU threads of torch (OMP_NUM_THREADS if set, else half the cores: safe when other jobs share
     them)"""
@@ -1478,9 +1520,10 @@ class Args:
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
-    amp: bool = False
-    """bf16 autocast on CUDA (fp16 with loss scaling on cards without bf16); no effect on CPU
-    (TF32 matmuls are on for every CUDA run, with or without it)"""
+    amp: str = "off"
+    """mixed precision: off | auto (`--amp` alone: bf16 where the device has it, else fp16) | bf16 |
+    fp16 (with loss scaling; on a CPU too). Off by default: no gain on a CPU without bf16 units,
+    not yet measured on a GPU (TF32 matmuls are on for every CUDA run, with or without it)"""
     compile: bool = False
     """torch.compile the UNet (CUDA)"""
     save_every: int = 200

@@ -588,8 +588,8 @@ class Args:
     """where torchvision datasets live"""
     device: str = "auto"
     """auto | cpu | cuda | mps"""
-    amp: bool = False
-    """bf16 autocast of the sampler's network on CUDA"""
+    amp: str = "off"
+    """mixed precision of the sampler's network: off | auto (`--amp` alone) | bf16 | fp16"""
     fid_features: str = "auto"
     """classifier | inception (pytorch-fid's TF-Inception, as the papers; pip install pytorch-fid) |
     auto (inception for cifar10 when installed, else the dataset classifier's features)"""

@@ -236,7 +236,7 @@ STEPS = (msgm_step,)
 
 
 def train(model, x_keep, x_forget, hp: MSGMHparams, device, save: dict, hflip: bool = False,
-          amp: bool = False, compile: bool = False, desc: str = "msgm", on_log=None):
+          amp="off", compile: bool = False, desc: str = "msgm", on_log=None):
     """The training loop (released run_lib3.py:train): Adam with hp.warmup steps of linear warm-up,
     msgm_batch and msgm_step for hp.steps steps, the forget term on every hp.forget_every-th step
     (never with task dsm). Returns the EMA model and the training seconds (over every call, when
@@ -320,6 +320,8 @@ class Args(MSGMHparams, C.RunArgs):
                         warmup=5000, ema=0.9999, steps=10_000, n_nll=100)}
     # --protocol paper: the README's table (add --finetune for its fine-tuned half)
     paper = dict(finetune=False, normal="scratch", steps=1400, n_samples=5000, n_nll=1000)
+    unsupported = dict(n_per_class="MSGM's models are unconditional: --n-samples sets how many "
+                                   "samples are drawn")
 
 
 VARIANTS = {"square": "Orthogonal-MSGM", "norm": "Obtuse-MSGM"}
@@ -425,15 +427,8 @@ def score_cosine(eps_fn, x0, ts=(0.02, 0.1, 0.3), seed: int = 0) -> dict:
     return out
 
 
-def wilson(p: float, n: int, z: float = 1.96) -> tuple:
-    """95% Wilson score interval of a binomial share p observed over n draws."""
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def evaluate(model, clf, args: Args, forget, data) -> tuple:
-    """args.n_samples unconditional samples judged by E.judge (undesirable share with its 95% Wilson
+    """args.n_samples unconditional samples judged by E.judge (undesirable share with its exact 95%
     interval, FID of the kept samples against the real kept images), the NLL of held-out undesirable
     and kept images under the null token (E.class_nll), and the angle diagnostic on both groups.
     Returns (metrics, samples)."""
@@ -445,7 +440,8 @@ def evaluate(model, clf, args: Args, forget, data) -> tuple:
                  amp=args.amp)
     s = C.sample_record(x, c, args.sampler, args.sample_steps, null)
     m = E.judge(s, clf, x_tr, y_tr, forget)
-    m["forget_rate_lo"], m["forget_rate_hi"] = wilson(m["forget_rate"], len(x))
+    m["forget_count"] = round(m["forget_rate"] * len(x))
+    m["forget_rate_lo"], m["forget_rate_hi"] = E.interval(m["forget_count"], len(x))
     m.update(E.class_nll(model, xt, yt, forget, args.n_nll, args.nll_tol, conditional=False),
              params=C.n_params(model))
     f = torch.isin(yt, torch.tensor(forget))
@@ -461,7 +457,9 @@ def evaluate_fixed(path, model, clf, args: Args, forget, data) -> tuple:
     (metrics, first 32 samples)."""
     keys = ("n_samples", "sampler", "sample_steps", "n_nll", "nll_tol", "seed", "data_root",
             "fid_features")
-    key = dict(model=C.file_id(path), forget=forget, **{k: getattr(args, k) for k in keys})
+    # interval: entries written with the earlier Wilson bounds and without forget_count are redone
+    key = dict(model=C.file_id(path), forget=forget, interval="exact",
+               **{k: getattr(args, k) for k in keys})
 
     def compute():
         m, s = evaluate(model, clf, args, forget, data)
@@ -505,7 +503,7 @@ def report(rows: dict, args: Args, sampler: str, forget: list):
     n = args.n_samples
     print(f"\nsamples classified as {','.join(map(str, forget))}, of {n} unconditional ones:")
     for name, r in rows.items():
-        print(f"  {name:<34} {E.count(round(r['forget_rate'] * n), n)}")
+        print(f"  {name:<34} {E.count(r['forget_count'], n)}")
 
 
 def main(args: Args):

@@ -274,6 +274,7 @@ def unlearn(model, data: tuple, args: Args, device, out, on_check) -> tuple:
     ctx = C.autocast(device, args.amp)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6,
                             eps=1e-8)
+    net = torch.compile(model) if args.compile else model   # the same parameters, compiled calls
     curve = []
     resume = C.Resume(out / "resume.pt", asdict(args), args.save_every, args.track and out / "tb",
                       model=model, ema=ema, opt=opt, scaler=scaler, gen=gen, curve=curve)
@@ -281,7 +282,7 @@ def unlearn(model, data: tuple, args: Args, device, out, on_check) -> tuple:
     bar = C.tqdm(range(start + 1, args.steps + 1), args.method, args.steps, initial=start)
     for step in bar:
         batch = make_batch(*data, args, model.tok, gen, device)
-        log = unlearn_step(model, alpha_bar, opt, scaler, ctx, batch, args)
+        log = unlearn_step(net, alpha_bar, opt, scaler, ctx, batch, args)
         ema.update(model)
         bar.set_postfix(gnorm=f"{log['gnorm']:.2f}")
         stop = False

@@ -340,6 +340,13 @@ class Args(SRSMEHparams, C.RunArgs):
     presets = {}   # the digits values serve every dataset
     # --protocol paper: the sizes of the README's Scene 1 table
     paper = dict(compare_variants=True, check_subsets=True, n_per_class=300, n_nll=16)
+    # run options of the other methods that SRS-ME has no use for (one line of error if given)
+    unsupported = dict(
+        compile="the shifts enter the frozen base through torch.func.functional_call, which is not "
+                "compiled here",
+        save_every="each shift is saved as soon as it is trained and reused by a rerun; there is "
+                   "no resume.pt",
+        track="no TensorBoard log: each shift's losses are printed and kept in metrics.json")
 
 
 class SavedTensorMeter:

@@ -90,3 +90,14 @@ def hparams(module):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped where torch sees none)")
+    config.addinivalue_line("markers", "compile: torch.compile on the CPU, minutes of compiling "
+                                       "(run only when asked for: -m compile)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "compile" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="compiles for minutes: python -m pytest -m compile tests")
+    for item in items:
+        if "compile" in item.keywords:
+            item.add_marker(skip)

@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import run_here
 
 import common as C
 import eval as E
@@ -249,3 +250,75 @@ def test_the_clock_counts_a_nested_phase_once(monkeypatch):
         now[0] += 2
     assert clock.seconds() == {"training": 15.0, "judging": 6.0, "other": 1.0, "total": 22.0}
     assert clock.line() == "22s in all: training 15s, judging 6s, other 1s"
+
+
+def _reads(tree, names=None) -> set:
+    """Attribute names read in a syntax tree (on any object, or only on the variables `names`),
+    and every string constant (getattr(args, "n_eval"), a tuple of field names looped over)."""
+    import ast
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load):
+            if names is None or (isinstance(n.value, ast.Name) and n.value.id in names):
+                out.add(n.attr)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+            out.add(n.value)
+    return out
+
+
+def _helper_reads(module) -> dict:
+    """{function: the fields it reads off its `args` / `hp` parameter} for common.py or eval.py."""
+    import ast
+    import inspect
+    out = {}
+    for n in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(n, ast.FunctionDef):
+            given = {a.arg for a in n.args.args + n.args.kwonlyargs} & {"args", "hp"}
+            if given:
+                out[n.name] = _reads(n, given)
+    return out
+
+
+def unread_options(module, fields) -> set:
+    """The fields no line of the method file reads (its Args class itself does not count), nor any
+    function of common.py / eval.py that the file calls (reading its args there)."""
+    import ast
+    import inspect
+    helpers = {"C": _helper_reads(C), "E": _helper_reads(E)}
+    read = set()
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            continue
+        read |= _reads(node)
+        for n in ast.walk(node):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id in helpers):
+                read |= helpers[n.func.value.id].get(n.func.attr, set())
+    return set(fields) - read
+
+
+# read for every script by the command line itself: C.cli sets torch's threads from --threads and
+# C.make_args resolves each default by --protocol
+EVERY_SCRIPT = {"threads", "protocol"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_every_accepted_option_is_read_or_refused_in_one_line(name, capsys):
+    """Each option a method accepts is read by its file (or by the common / eval function it hands
+    its args to); the ones it inherits and cannot use are exactly its `unsupported` list, each
+    refused in one line that says why. An option nothing reads is found (the walk can fail)."""
+    import dataclasses
+    import importlib
+    module = importlib.import_module(name)
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    unread, refused = unread_options(module, fields | {"an_option_nobody_reads"}), \
+        set(C.unsupported(module.Args))
+    assert unread - EVERY_SCRIPT == refused | {"an_option_nobody_reads"}
+    for field, why in C.unsupported(module.Args).items():
+        flag = "--" + field.replace("_", "-")
+        default = getattr(C.make_args(module.Args), field)
+        argv = [flag] if isinstance(default, bool) else [flag, "7"]
+        r = run_here(module, argv, capsys)
+        assert r.returncode == 2 and r.stderr == f"error: {flag}: not used by {name}.py: {why}\n"
+        if isinstance(default, bool):     # asking for the default is fine
+            assert getattr(C.parse_args(module.Args, [f"--no-{flag[2:]}"]), field) is False

@@ -324,11 +324,10 @@ TINY = dict(iters=10, batch_size=4, lr_g=5e-4, lr_fake=5e-4, ema=0.5, log_every=
 def test_interrupted_run_resumes_to_the_same_weights(digits_base, digits_classifier, runs_dir,
                                                      monkeypatch):
     """Interrupted in iteration 7 with a checkpoint every 4, a rerun with the same arguments
-    continues from 4 and ends with the weights of an uninterrupted run, bit for bit. The
-    uninterrupted run also has --amp, which on the CPU must change nothing."""
+    continues from 4 and ends with the weights of an uninterrupted run, bit for bit."""
     for t in ("whole", "cut"):                  # a runs/ kept between sessions may hold older runs
         shutil.rmtree(runs_dir / f"sfd-digits-{t}", ignore_errors=True)
-    whole = sfd.main(C.make_args(sfd.Args, tag="whole", amp=True, save_every=4, **TINY))
+    whole = sfd.main(C.make_args(sfd.Args, tag="whole", save_every=4, **TINY))
     step, calls = sfd.generator_step, []
 
     def counted(*a, **k):
