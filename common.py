@@ -541,6 +541,8 @@ def pretrain(dataset: str = "digits", tag: str = "", extra=None, device="cpu", r
         # in safetensors
         ema.model.unet.save_pretrained(path.parent / "unet")
         share_files(path.parent / "unet")
+        save_result(ema.model, path.parent, "base", "none (trained from scratch)",
+                    sorted(drop_classes) or "nothing", {"steps": hp.steps})
     resume.finish()
     if world > 1:
         torch.distributed.barrier()
@@ -559,7 +561,7 @@ def base_model(args, device, tag: str = "", extra=None, **recipe) -> tuple[CondU
     folder) if given, else the cached base model of the dataset (tag, extra, recipe: see pretrain),
     pretrained first if absent."""
     if args.base:
-        path = Path(args.base)
+        path = local_model(args.base)
     else:
         path = pretrain(args.dataset, tag, extra, device=device, root=args.data_root, **recipe)
     return load_checkpoint(path, args.dataset, device)[0], path
@@ -1093,12 +1095,19 @@ def _diffusers_unet(folder: Path, dataset: str) -> tuple[CondUNet, dict]:
     from diffusers import UNet2DConditionModel
     info = data_info(dataset)
     cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("_class_name") != "UNet2DConditionModel":
+        raise UsageError(f"{folder} is a {cfg.get('_class_name', 'model')}, not a "
+                         f"UNet2DConditionModel: the methods here read a class token through "
+                         f"cross-attention, which an unconditional UNet2DModel does not have")
     got = (cfg.get("sample_size"), cfg.get("in_channels"), cfg.get("out_channels"))
     if got != (info.size, info.channels, info.channels):
         raise UsageError(f"{folder} is a UNet for {got[0]}x{got[0]} images with {got[1]} -> "
                          f"{got[2]} channels; {dataset} needs {info.size}x{info.size} with "
                          f"{info.channels} -> {info.channels}")
     unet = UNet2DConditionModel.from_pretrained(folder)
+    if cfg.get("encoder_hid_dim_type") == "text_proj":   # save_pipeline's: the table inside
+        model = from_diffusers(unet, dataset)
+        return model, {"config": model.config, "step": 0, "done": True, "source": str(folder)}
     model = CondUNet(dataset, {k: v for k, v in unet.config.items() if not k.startswith("_")})
     model.unet = unet
     ours = folder.parent / "model.safetensors"
@@ -1109,6 +1118,157 @@ def _diffusers_unet(folder: Path, dataset: str) -> tuple[CondUNet, dict]:
         print(f"{folder}: no token table of this repository beside it; the class tokens start "
               f"untrained")
     return model, {"config": model.config, "step": 0, "done": True, "source": str(folder)}
+
+
+def to_diffusers(model: CondUNet):
+    """A CondUNet as a plain UNet2DConditionModel that carries its token table: encoder_hid_proj
+    (diffusers' text_proj) is a Linear whose weight is the table transposed and whose bias is 0, so
+    one-hot [BOS, token] rows as encoder_hidden_states give CondUNet's outputs (UnlearnPipeline
+    builds them from class labels)."""
+    from diffusers import UNet2DConditionModel
+    n = model.token_emb.num_embeddings
+    unet = UNet2DConditionModel(**model.config["unet"], encoder_hid_dim=n,
+                                encoder_hid_dim_type="text_proj")
+    unet.load_state_dict({**model.unet.state_dict(),
+                          "encoder_hid_proj.weight": model.token_emb.weight.detach().T,
+                          "encoder_hid_proj.bias": torch.zeros(unet.config.cross_attention_dim)})
+    return unet.to(next(model.parameters()).device)
+
+
+def from_diffusers(unet, dataset: str) -> CondUNet:
+    """to_diffusers undone: the token table is encoder_hid_proj's weight transposed plus its bias
+    (a one-hot row picks one column and adds the bias)."""
+    skip = ("encoder_hid_dim", "encoder_hid_dim_type")
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_") and k not in skip}
+    model = CondUNet(dataset, cfg)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("encoder_hid_proj.")}
+    model.unet.load_state_dict(state)
+    proj = unet.encoder_hid_proj
+    if proj is None or tuple(proj.weight.shape) != tuple(model.token_emb.weight.T.shape):
+        raise UsageError(f"this UNet holds no token table of {dataset}'s {model.tok['count']} "
+                         f"tokens (encoder_hid_proj): save it with common.save_pipeline")
+    model.token_emb.weight.data.copy_(proj.weight.detach().T + proj.bias.detach())
+    return model.to(unet.device)
+
+
+# DDPM's linear schedule (VP) as diffusers writes it: what the folder's scheduler documents
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon", clip_sample=True)
+
+
+def save_pipeline(model: CondUNet, folder, card: dict | None = None) -> Path:
+    """The model as a diffusers pipeline folder (model_index.json, unet/ with the token table
+    inside, scheduler/), loadable with UnlearnPipeline.from_pretrained(folder), plus a model card
+    (README.md, written by huggingface_hub) from card: method, paper, base model, dataset,
+    forgotten, metrics, command. Files get the mode a plain open() gives."""
+    from diffusers import DDIMScheduler
+    folder = Path(folder)
+    pipe = _pipeline_class()(to_diffusers(model).cpu(), DDIMScheduler(**SCHEDULE),
+                           dataset=model.config["dataset"])
+    pipe.save_pretrained(folder)
+    write_card(folder, model.config["dataset"], card or {})
+    share_files(folder)
+    return folder
+
+
+PAPERS = {
+    "base": "Denoising Diffusion Probabilistic Models (Ho et al., NeurIPS 2020), class-conditional",
+    "siss": "Data Unlearning in Diffusion Models (Alberti et al., ICLR 2025, arXiv 2503.01034)",
+    "msgm": "Moderating the Generalization of Score-based Generative Model (Jiang et al., ICCV "
+            "2025, arXiv 2412.07229)",
+    "srs_me": "Separable, Recoverable and Sustainable Multi-concept Eraser (arXiv 2402.05947)",
+    "sfd": "Score Forgetting Distillation (Chen et al., ICLR 2025, arXiv 2409.11219)",
+    "bilevel_prune": "Efficient Fine-Tuning and Concept Suppression for Pruned Diffusion Models "
+                     "(Shirkavand et al., CVPR 2025, arXiv 2412.15341)",
+}
+
+
+def save_result(model: CondUNet, out, method: str, base, forgotten, metrics: dict) -> Path:
+    """A run's final model as out/diffusers (save_pipeline), its card naming the method and its
+    paper, the base model, the dataset, what was forgotten, the run's figures and the command."""
+    card = dict(method=method, paper=PAPERS[method], base=str(base),
+                dataset=model.config["dataset"], forgotten=forgotten,
+                command=" ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]),
+                metrics=metrics)
+    return save_pipeline(model, Path(out) / "diffusers", card)
+
+
+def write_card(folder: Path, dataset: str, card: dict):
+    """folder/README.md: a Hugging Face model card with its metadata block (library, tags,
+    datasets, base model when it is a hub id) and a short body."""
+    from huggingface_hub import ModelCard, ModelCardData
+    base = str(card.get("base", ""))
+    hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+", base)) and not Path(base).exists()
+    data = ModelCardData(library_name="diffusers", datasets=[dataset],
+                         tags=["machine-unlearning", "diffusion", card.get("method", "base")],
+                         base_model=base if hub else None)
+    rows = "\n".join(f"- {k}: {v}" for k, v in card.items() if k != "metrics")
+    figures = {k: v for k, v in (card.get("metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    body = "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items())
+    text = (f"---\n{data.to_yaml()}\n---\n\n# {card.get('method', 'base model')} on {dataset}\n\n"
+            f"{rows}\n\n```python\nfrom common import UnlearnPipeline   # this repository's "
+            f"common.py\npipe = UnlearnPipeline.from_pretrained(\"{folder}\")\nimages = "
+            f"pipe(class_labels=[0, 1, 2]).images\n```\n"
+            + (f"\n| metric | value |\n|---|---|\n{body}\n" if body else ""))
+    ModelCard(text).save(folder / "README.md")
+
+
+def _pipeline_class():
+    """common.UnlearnPipeline, defined on first use (importing diffusers' pipelines takes
+    seconds)."""
+    if "UnlearnPipeline" in globals():
+        return globals()["UnlearnPipeline"]
+    from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+    class UnlearnPipeline(DiffusionPipeline):
+        """Draws with a model of this repository saved by save_pipeline: class labels (ints, or
+        None for the null token: the unconditional model), a guidance scale, the sampler and its
+        steps of common.sample (the same images as the run's samples.pt from the same seed).
+        output_type "pt": a tensor in [-1, 1]; else PIL images."""
+        model_cpu_offload_seq = "unet"
+
+        def __init__(self, unet, scheduler, dataset: str = "digits"):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+            self.register_to_config(dataset=dataset)
+
+        @torch.no_grad()
+        def __call__(self, class_labels=None, guidance_scale: float = 1.0,
+                     num_inference_steps: int = 50, sampler: str = "ddim", seed: int = 0,
+                     output_type: str = "pil"):
+            model = from_diffusers(self.unet, self.config.dataset)
+            k = model.info.num_classes
+            labels = list(range(k)) if class_labels is None else list(class_labels)
+            c = torch.tensor([model.tok["null"] if y is None else int(y) for y in labels])
+            x = sample(model, VP(), c.to(self.unet.device), sampler, num_inference_steps,
+                       guidance_scale, seed, progress=False)
+            if output_type == "pt":
+                return ImagePipelineOutput(images=x)
+            arr = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            return ImagePipelineOutput(images=self.numpy_to_pil(arr.numpy()))
+    globals()["UnlearnPipeline"] = UnlearnPipeline
+    return UnlearnPipeline
+
+
+def __getattr__(name):   # `from common import UnlearnPipeline` (PEP 562)
+    if name == "UnlearnPipeline":
+        return _pipeline_class()
+    raise AttributeError(f"module 'common' has no attribute {name!r}")
+
+
+def local_model(name: str) -> Path:
+    """--base as a local path: itself when it exists, else a Hugging Face hub id (owner/name)
+    downloaded through huggingface_hub; offline, one line that says how to pass a local copy."""
+    if Path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return Path(name)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name))
+    except Exception as e:
+        raise UsageError(f"--base {name}: no such path, and the hub could not give it "
+                         f"({type(e).__name__}); on a connected machine run `hf download "
+                         f"{name} --local-dir DIR`, copy DIR here, then --base DIR") from None
 
 
 def model_file(path) -> Path:
@@ -1122,6 +1282,8 @@ def load_checkpoint(path, dataset: str, device="cpu"):
     UNet2DConditionModel folder; refuse (one line) what is unreadable or made for another dataset or
     shape."""
     path = Path(path)
+    if path.is_dir() and (path / "model_index.json").exists():   # a pipeline root: its unet/
+        path = path / "unet"
     if path.is_dir() and (path / "config.json").exists():
         model, ck = _diffusers_unet(path, dataset)
         return model.to(device), ck
@@ -1130,6 +1292,8 @@ def load_checkpoint(path, dataset: str, device="cpu"):
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = load(path)
+        if {"key", "value"} <= set(ck) and "config" in ck["value"]:   # a model kept by cached()
+            ck = ck["value"]
         for key, what in (("plan", "a pruned student: load it with "
                                    "bilevel_prune.load_student(path)"),
                           ("shifts", "an SRS-ME run: load it with srs_me.load_model(path)")):

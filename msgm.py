@@ -404,7 +404,9 @@ def reference_model(args: Args, x, classes: list, device, init: tuple | None = N
         C.seed_everything(args.seed)
         start = copy.deepcopy(init[0]) if init else C.CondUNet(args.dataset)
         model, seconds = fit(args, start, x, None, hp, folder, key, device, folder.name)
-        return {"model": model.state_dict(), "seconds": seconds}
+        # config and step: C.load_checkpoint reads the cached model as any other model file
+        return {"config": model.config, "step": hp.steps, "model": model.state_dict(),
+                "seconds": seconds}
     ck = C.cached(folder / "model.safetensors", key, compute)
     model = C.CondUNet(args.dataset)
     model.load_state_dict(ck["model"])
@@ -550,6 +552,8 @@ def main(args: Args):
     metrics = dict(rows[name], **{f"base_{k}": v for k, v in base.items() if k != "class_share"},
                    models=rows, time=clock.seconds())
     print(f"{out}: {clock.line()}")
+    start_from = refs["normal (all data)"][2] if args.finetune else "none (trained from scratch)"
+    C.save_result(model, out, "msgm", start_from, forget, metrics)
     E.report(metrics, out / "metrics.json")
     return metrics
 

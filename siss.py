@@ -681,6 +681,8 @@ def main(args: Args):
                "retain_change": paired, "time": clock.seconds()}
     report(args, target, base_m, res_m, res_s, log, copies)
     print(f"\n{headline(args, target, base_m, res_m, paired)}\n{out}: {clock.line()}")
+    forgotten = target["classes"] or args.forget_idx or args.forget
+    C.save_result(model, out, "siss", base_path, forgotten, metrics)
     E.report(metrics, out / "metrics.json")
     return metrics
 

@@ -679,6 +679,8 @@ def main(args: Args):
                 "shifts_loaded": not trained, "erased_concepts": first, **summary,
                 "train": train, "compare": compare, "time": clock.seconds()}
     print(f"\n{headline(summary, args.n_per_class)}\n{out}: {clock.line()}")
+    # the first step's combination as a model of its own, beside the shifts
+    C.save_result(combine(base, shifts, first), out, "srs_me", base_path, first, metrics)
     E.report(metrics, out / "metrics.json")
     return metrics
 

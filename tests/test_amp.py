@@ -1,8 +1,10 @@
-"""Mixed precision on the CPU: every method a few steps under bf16 autocast and under fp16 with loss
-scaling (the GradScaler path a GPU without bf16 takes), on the digits base. Each run's folder is
-complete, every number it reports is finite, and its first update points where the fp32 update
-points. The measure: cosine similarity of the weight update (trained weights minus starting weights,
-over every floating-point tensor of the model file) against the fp32 run of the same seed."""
+"""Mixed precision on the CPU, and the diffusers folder every run leaves. Every method a few steps
+under bf16 autocast and under fp16 with loss scaling (the GradScaler path a GPU without bf16 takes),
+on the digits base: each run's folder is complete, every number it reports is finite, and its first
+update points where the fp32 update points. The measure: cosine similarity of the weight update
+(trained weights minus starting weights, over every floating-point tensor of the model file)
+against the fp32 run of the same seed. The fp32 runs' <run>/diffusers folders then load with
+diffusers' API and draw the runs' own samples."""
 import copy
 import importlib
 import math
@@ -67,38 +69,88 @@ def _numbers(v):
         yield v
 
 
+def _run(name: str, precision: str, base) -> tuple:
+    """A few steps of the method at this precision: (its update, its run folder), the folder
+    complete and every number it reports finite."""
+    M = importlib.import_module(name)
+    argv = FEW[name] + EVAL + ["--amp", precision, "--tag", f"amp-{precision}"]
+    m = M.main(C.parse_args(M.Args, argv))
+    out = C.run_dir(name, "digits", f"amp-{precision}")
+    assert FILES <= {p.name for p in out.iterdir()}, precision
+    assert all(math.isfinite(v) for v in _numbers(m)), precision
+    return _update(name, out, base), out
+
+
 @pytest.fixture(scope="module")
-def fp32_updates(digits_base, digits_classifier):
-    return {}
+def fp32_runs(digits_base, digits_classifier):
+    """{method: (update, run folder)} of the fp32 runs, each made on first use."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            runs[name] = _run(name, "off", digits_base[1])
+        return runs[name]
+    return get
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(FEW))
-def test_a_few_steps_in_half_precision_follow_fp32(name, amp, digits_base, fp32_updates,
+def test_a_few_steps_in_half_precision_follow_fp32(name, amp, digits_base, fp32_runs,
                                                    monkeypatch):
-    M = importlib.import_module(name)
-    base = digits_base[1]
+    ref = fp32_runs(name)[0]
     # fp16: the loss scale starts at 2^8, not torch's 2^16, at which SFD's pixel-summed losses
     # overflow and the scaler skips the first steps (as designed: it halves the scale per skipped
     # step), so that the first update exists to be compared; scaling and unscaling stay in the path
     scaler = C.grad_scaler
     monkeypatch.setattr(C, "grad_scaler", lambda device, amp="auto": torch.amp.GradScaler(
         torch.device(device).type, init_scale=2.0 ** 8, enabled=scaler(device, amp).is_enabled()))
-
-    def run(precision):
-        argv = FEW[name] + EVAL + ["--amp", precision, "--tag", f"amp-{precision}"]
-        m = M.main(C.parse_args(M.Args, argv))
-        out = C.run_dir(name, "digits", f"amp-{precision}")
-        assert FILES <= {p.name for p in out.iterdir()}, precision
-        assert all(math.isfinite(v) for v in _numbers(m)), precision
-        return _update(name, out, base)
-    if name not in fp32_updates:
-        fp32_updates[name] = run("off")
-    ref, got = fp32_updates[name], run(amp)
+    got = _run(name, amp, digits_base[1])[0]
     assert ref.norm() > 0 and torch.isfinite(got).all()
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
     print(f"{name} {amp}: cosine of the update to fp32's {cos:.4f}")
     assert cos > (BOUND_SRS_ME if name == "srs_me" else BOUND)[amp]
+
+
+@pytest.mark.parametrize("name", ["base", "msgm", "siss", "srs_me"])
+def test_a_run_folder_is_a_diffusers_pipeline_that_draws_its_samples(name, digits_base,
+                                                                      fp32_runs):
+    """<run>/diffusers loads with diffusers' from_pretrained (the UNet alone with
+    UNet2DConditionModel's, the token table inside it) and, given the labels of the run's samples.pt
+    and its seed, draws its first image within 1e-5; its model card names the method and the paper;
+    --base takes the folder (a pipeline root) and gives the same model."""
+    from diffusers import UNet2DConditionModel
+    from huggingface_hub import ModelCard
+    if name == "base":
+        path, model = digits_base
+        folder = path.parent / "diffusers"
+        c = torch.tensor([3])
+        want = C.sample(model, C.VP(), c, "ddim", 10, seed=5, progress=False)[0]
+        seed, steps, sampler = 5, 10, "ddim"
+    else:
+        folder = fp32_runs(name)[1] / "diffusers"
+        s = C.load(folder.parent / "samples.pt")
+        # the whole batch drawn with the first image (a conv's rounding depends on its size):
+        # SISS appends null-token samples of another seed to its class samples
+        c, want = s["c"], s["x"][0]
+        c = c[c != s["null"]] if name == "siss" else c
+        sampler, steps = s["sampler"].split("-")
+        seed, steps = 0, int(steps)
+    pipe = C.UnlearnPipeline.from_pretrained(folder)
+    null = C.tokens(C.data_info("digits"))["null"]
+    labels = [None if int(k) == null else int(k) for k in c]
+    got = pipe(class_labels=labels, num_inference_steps=steps, sampler=sampler, seed=seed,
+               output_type="pt")
+    assert (got.images[0] - want).abs().max() <= 1e-5
+    pil = pipe(class_labels=[0, 1, None], num_inference_steps=2).images     # the README's call
+    assert len(pil) == 3 and pil[0].size == (8, 8)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert unet.config.encoder_hid_dim_type == "text_proj"
+    card = ModelCard.load(folder / "README.md")
+    assert name in card.data.tags and C.PAPERS[name].split(" (")[0] in card.text
+    again = C.base_model(C.make_args(C.RunArgs, base=str(folder)), "cpu")[0]
+    reference = C.from_diffusers(pipe.unet, "digits")
+    for k, v in reference.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 @pytest.mark.compile

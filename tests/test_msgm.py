@@ -263,7 +263,7 @@ def test_short_digits_run_writes_the_report_and_moves_the_angle(digits_base, dig
 def test_from_scratch_experiment_shares_its_cached_references(digits_classifier, runs_dir):
     """The paper's first experiment: normal (all data), retrain (kept data) and MSGM on one recipe,
     from scratch. A second variant with the same recipe and seed reuses the cached normal and
-    retrain (their figures are identical and nothing is retrained)."""
+    retrain (their figures are identical and nothing is retrained); load_checkpoint reads them."""
     small = ["--no-finetune", "--normal", "scratch", "--scratch-steps", "30", "--n-samples", "100",
              "--sample-steps", "3", "--n-nll", "2", "--nll-tol", "0.01", "--seed", "7"]
     first = run_script("msgm.py", *small, "--tag", "scratch-a")
@@ -279,6 +279,10 @@ def test_from_scratch_experiment_shares_its_cached_references(digits_classifier,
     for ref in ("normal (all data)", "retrain (kept data)"):
         assert a[ref] == b[ref]
     assert [p.stat().st_mtime_ns for p in cache] == stamps     # read, not retrained
+    # each cached reference is a model file like any other: load_checkpoint reads it
+    for path in cache:
+        model, ck = C.load_checkpoint(path, "digits")
+        assert ck["step"] == 30 and C.n_params(model) == 1_001_121
 
 
 @pytest.mark.parametrize("argv, message, as_process", [

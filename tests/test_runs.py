@@ -322,3 +322,34 @@ def test_every_accepted_option_is_read_or_refused_in_one_line(name, capsys):
         assert r.returncode == 2 and r.stderr == f"error: {flag}: not used by {name}.py: {why}\n"
         if isinstance(default, bool):     # asking for the default is fine
             assert getattr(C.parse_args(module.Args, [f"--no-{flag[2:]}"]), field) is False
+
+
+def _ddpm_cifar10_layout(size: int, channels: int):
+    """A tiny UNet2DModel with google/ddpm-cifar10-32's block layout (attention at the second
+    resolution, as at 16x16 there), the format of the unconditional hub DDPMs the papers start
+    from."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                         "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("script", ["sfd", "srs_me", "bilevel_prune", "siss", "msgm"])
+def test_an_unconditional_or_unreachable_base_is_one_line(script, tmp_path, capsys, monkeypatch):
+    """--base given a UNet2DModel folder (no cross-attention to read a class token through) or a
+    hub id the hub cannot give (offline here): one line each, before any work, naming the model's
+    class or how to pass a local copy."""
+    import importlib
+    module = importlib.import_module(script)
+    _ddpm_cifar10_layout(8, 1).save_pretrained(tmp_path / "ddpm")
+    r = run_here(module, ["--base", str(tmp_path / "ddpm")], capsys)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "is a UNet2DModel, not a UNet2DConditionModel" in r.stderr
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name: (_ for _ in ()).throw(OSError("offline")))
+    r = run_here(module, ["--base", "google/ddpm-cifar10-32"], capsys)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "hf download google/ddpm-cifar10-32 --local-dir DIR" in r.stderr
