@@ -1156,15 +1156,17 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_s
                 prediction_type="epsilon", clip_sample=True)
 
 
-def save_pipeline(model: CondUNet, folder, card: dict | None = None) -> Path:
+def save_pipeline(model: CondUNet, folder, card: dict | None = None,
+                  one_step_t: int | None = None) -> Path:
     """The model as a diffusers pipeline folder (model_index.json, unet/ with the token table
     inside, scheduler/), loadable with UnlearnPipeline.from_pretrained(folder), plus a model card
     (README.md, written by huggingface_hub) from card: method, paper, base model, dataset,
-    forgotten, metrics, command. Files get the mode a plain open() gives."""
+    forgotten, metrics, command. one_step_t: the model is a one-step generator acting at that DDPM
+    index (SFD's), which the pipeline then calls once. Files get the mode a plain open() gives."""
     from diffusers import DDIMScheduler
     folder = Path(folder)
     pipe = _pipeline_class()(to_diffusers(model).cpu(), DDIMScheduler(**SCHEDULE),
-                           dataset=model.config["dataset"])
+                           dataset=model.config["dataset"], one_step_t=one_step_t)
     pipe.save_pretrained(folder)
     write_card(folder, model.config["dataset"], card or {})
     share_files(folder)
@@ -1183,14 +1185,15 @@ PAPERS = {
 }
 
 
-def save_result(model: CondUNet, out, method: str, base, forgotten, metrics: dict) -> Path:
+def save_result(model: CondUNet, out, method: str, base, forgotten, metrics: dict,
+                one_step_t: int | None = None) -> Path:
     """A run's final model as out/diffusers (save_pipeline), its card naming the method and its
     paper, the base model, the dataset, what was forgotten, the run's figures and the command."""
     card = dict(method=method, paper=PAPERS[method], base=str(base),
                 dataset=model.config["dataset"], forgotten=forgotten,
                 command=" ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]),
                 metrics=metrics)
-    return save_pipeline(model, Path(out) / "diffusers", card)
+    return save_pipeline(model, Path(out) / "diffusers", card, one_step_t)
 
 
 def write_card(folder: Path, dataset: str, card: dict):
@@ -1214,6 +1217,21 @@ def write_card(folder: Path, dataset: str, card: dict):
     ModelCard(text).save(folder / "README.md")
 
 
+@torch.no_grad()
+def one_step(gen: CondUNet, c, t: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
+    """A one-step generator's images (SFD's G(z, c) = sigma (z - eps(b z, t, c)), b = sqrt(1 -
+    abar_t), sigma = sqrt((1 - abar_t) / abar_t)), clamped to [-1, 1]; the noise drawn as
+    sample() draws it."""
+    ab = VP().alpha_bar[t]
+    b, sigma = (1 - ab).sqrt(), ((1 - ab) / ab).sqrt()
+    g, out, dev, info = torch.Generator().manual_seed(seed), [], c.device, gen.info
+    for c_b in c.split(batch):
+        z = torch.randn((len(c_b), info.channels, info.size, info.size), generator=g).to(dev)
+        x = sigma.to(z.dtype) * (z - gen(b.to(z.dtype) * z, t, c_b))
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
 def _pipeline_class():
     """common.UnlearnPipeline, defined on first use (importing diffusers' pipelines takes
     seconds)."""
@@ -1224,14 +1242,15 @@ def _pipeline_class():
     class UnlearnPipeline(DiffusionPipeline):
         """Draws with a model of this repository saved by save_pipeline: class labels (ints, or
         None for the null token: the unconditional model), a guidance scale, the sampler and its
-        steps of common.sample (the same images as the run's samples.pt from the same seed).
+        steps of common.sample (the same images as the run's samples.pt from the same seed); a
+        one-step generator (one_step_t: SFD's) is called once per image, its steps ignored.
         output_type "pt": a tensor in [-1, 1]; else PIL images."""
         model_cpu_offload_seq = "unet"
 
-        def __init__(self, unet, scheduler, dataset: str = "digits"):
+        def __init__(self, unet, scheduler, dataset: str = "digits", one_step_t: int | None = None):
             super().__init__()
             self.register_modules(unet=unet, scheduler=scheduler)
-            self.register_to_config(dataset=dataset)
+            self.register_to_config(dataset=dataset, one_step_t=one_step_t)
 
         @torch.no_grad()
         def __call__(self, class_labels=None, guidance_scale: float = 1.0,
@@ -1241,8 +1260,11 @@ def _pipeline_class():
             k = model.info.num_classes
             labels = list(range(k)) if class_labels is None else list(class_labels)
             c = torch.tensor([model.tok["null"] if y is None else int(y) for y in labels])
-            x = sample(model, VP(), c.to(self.unet.device), sampler, num_inference_steps,
-                       guidance_scale, seed, progress=False)
+            if self.config.one_step_t is not None:
+                x = one_step(model, c.to(self.unet.device), self.config.one_step_t, seed)
+            else:
+                x = sample(model, VP(), c.to(self.unet.device), sampler, num_inference_steps,
+                           guidance_scale, seed, progress=False)
             if output_type == "pt":
                 return ImagePipelineOutput(images=x)
             arr = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

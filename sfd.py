@@ -470,7 +470,8 @@ def main(args: Args):
         clf = E.load_judge(args, dev) if rank == 0 else None
         # Three copies of the base model's EMA weights (init_from_ema in the official configs):
         # frozen teacher phi, fake score psi, generator theta.
-        teacher = C.base_model(args, dev)[0].eval().requires_grad_(False)
+        teacher, base_path = C.base_model(args, dev)
+        teacher = teacher.eval().requires_grad_(False)
     fake, gen = copy.deepcopy(teacher), copy.deepcopy(teacher)
     if init is not None:
         # Two-stage: psi from the stage-1 fake score, theta from the stage-1 EMA generator. The
@@ -501,6 +502,7 @@ def main(args: Args):
         metrics = evaluate(args, ema_gen, clf, forget, out)
     print(f"{out}: {phases.line()}; training {clock['cpu_seconds']:.0f} CPU-s")
     metrics |= dict(clock, iters=args.iters, curve=curve, time=phases.seconds())
+    C.save_result(ema_gen, out, "sfd", base_path, forget, metrics, one_step_t=args.t_init)
     E.report(metrics, out / "metrics.json")
     return metrics
 

@@ -111,7 +111,7 @@ def test_a_few_steps_in_half_precision_follow_fp32(name, amp, digits_base, fp32_
     assert cos > (BOUND_SRS_ME if name == "srs_me" else BOUND)[amp]
 
 
-@pytest.mark.parametrize("name", ["base", "msgm", "siss", "srs_me"])
+@pytest.mark.parametrize("name", ["base", "msgm", "sfd", "siss", "srs_me"])
 def test_a_run_folder_is_a_diffusers_pipeline_that_draws_its_samples(name, digits_base,
                                                                       fp32_runs):
     """<run>/diffusers loads with diffusers' from_pretrained (the UNet alone with
@@ -133,8 +133,8 @@ def test_a_run_folder_is_a_diffusers_pipeline_that_draws_its_samples(name, digit
         # SISS appends null-token samples of another seed to its class samples
         c, want = s["c"], s["x"][0]
         c = c[c != s["null"]] if name == "siss" else c
-        sampler, steps = s["sampler"].split("-")
-        seed, steps = 0, int(steps)
+        sampler, steps = s["sampler"].split("-")      # SFD's "sfd-1step": the pipeline's one step
+        seed, steps = 0, 1 if name == "sfd" else int(steps)
     pipe = C.UnlearnPipeline.from_pretrained(folder)
     null = C.tokens(C.data_info("digits"))["null"]
     labels = [None if int(k) == null else int(k) for k in c]
