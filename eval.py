@@ -22,6 +22,7 @@ read from its metrics.json.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -428,6 +429,78 @@ def paired_change(clf, before: dict, after: dict, forget=()) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# REVIVAL: is the class gone from the model, or only from its token? (Pham et al., ICLR 2024)
+# --------------------------------------------------------------------------------------------------
+
+def learn_token(model, loss_fn, steps: int, lr: float, seed: int = 0):
+    """Textual inversion (Gal et al., ICLR 2023) as Pham et al. turn it against erasure: one new
+    token embedding, started at the null token's, learned with Adam for `steps` steps to minimise
+    loss_fn(model copy, token id, generator) while every weight of the model stays frozen. It lives
+    in a spare token of a copy; the model itself is not touched. Returns (copy, token id)."""
+    m = copy.deepcopy(model).eval().requires_grad_(False)
+    spare, table = m.tok["spare"][0], m.token_emb.weight
+    with torch.no_grad():
+        table[spare] = table[m.tok["null"]]
+    table.requires_grad_(True)
+    # Adam over the table: the other rows get zero gradients, hence zero updates
+    opt, g = torch.optim.Adam([table], lr=lr), torch.Generator().manual_seed(seed)
+    for _ in C.tqdm(range(steps), desc="revival attack", leave=False):
+        loss = loss_fn(m, spare, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return m.requires_grad_(False), spare
+
+
+def denoising_loss(x_class, batch: int = 32):
+    """The model's own training loss on real images of the class under the new token: eps-MSE at
+    t ~ U{0..999}."""
+    vp = C.VP()
+
+    def loss(m, token, g):
+        dev = next(m.parameters()).device
+        x0 = x_class[torch.randint(len(x_class), (batch,), generator=g)].to(dev)
+        t, noise = torch.randint(vp.T, (batch,), generator=g), torch.randn(x0.shape, generator=g)
+        c = torch.full((batch,), token, device=dev)
+        return F.mse_loss(m(vp.q_sample(x0, t.to(dev), noise.to(dev)), t.float().to(dev), c),
+                          noise.to(dev))
+    return loss
+
+
+def classifier_loss(clf, k: int, t_init: int, batch: int = 32):
+    """For a one-step generator, which has no multi-step score to invert: minus the classifier's
+    log-probability of class k on the generator's images under the new token."""
+    def loss(m, token, g):
+        dev = next(m.parameters()).device
+        z = torch.randn((batch, m.info.channels, m.info.size, m.info.size), generator=g).to(dev)
+        ab = C.VP().alpha_bar[t_init]
+        b, sigma = (1 - ab).sqrt().float(), ((1 - ab) / ab).sqrt().float()
+        x = sigma * (z - m(b * z, t_init, torch.full((batch,), token, device=dev)))
+        return -F.log_softmax(clf(x.clamp(-1, 1)), 1)[:, k].mean()
+    return loss
+
+
+def revival(model, clf, k: int, x_class, args, one_step_t: int | None = None) -> dict:
+    """The attack on class k: a token learned by learn_token (denoising loss; a one-step generator:
+    the classifier's), args.attack_samples images drawn with it (args.sampler; the generator: its
+    one step), the share classified as k with its exact 95% interval, and their FID against the
+    class's real images."""
+    loss = (denoising_loss(x_class) if one_step_t is None
+            else classifier_loss(clf, k, one_step_t))
+    m, token = learn_token(model, loss, args.attack_steps, args.attack_lr, args.seed)
+    dev, n = next(m.parameters()).device, args.attack_samples
+    c = torch.full((n,), token, device=dev)
+    x = (C.one_step(m, c, one_step_t, args.seed) if one_step_t is not None else
+         C.sample(m, C.VP(), c, args.sampler, args.sample_steps, seed=args.seed, amp=args.amp))
+    hits = int((predict(clf, x) == k).sum())
+    lo, hi = interval(hits, n)
+    return {"revived": hits / n, "revived_count": hits, "revived_lo": lo, "revived_hi": hi,
+            "revived_fid": fid(clf, x, x_class),
+            "attack": "classifier guidance (one-step generator)" if one_step_t is not None
+            else "textual inversion"}
+
+
+# --------------------------------------------------------------------------------------------------
 # REPORTING
 # --------------------------------------------------------------------------------------------------
 
@@ -597,6 +670,30 @@ class Args:
     """path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth for machines without network"""
     seed: int = 0
     """sampling seed"""
+    attack: bool = False
+    """run the revival attack on the --forget class instead (a learned token; see revival)"""
+    attack_steps: int = 200
+    """Adam steps of the attack's token embedding"""
+    attack_lr: float = 0.01
+    """learning rate of the attack's token embedding"""
+    attack_samples: int = 100
+    """images drawn with the learned token"""
+
+
+def attack(args: Args, model, ck: dict, k: int, clf, where: Path) -> dict | None:
+    """`python eval.py --ckpt RUN --forget K --attack`: revival() on a conditional model, or n/a
+    in one line for MSGM's unconditional ones."""
+    if ck.get("method") == "msgm":
+        print("revival attack: n/a (MSGM's models are unconditional: no class token to learn)")
+        return None
+    x, y = C.load_data(args.dataset, args.data_root, "train")
+    one_step = ck.get("t_init") if ck.get("method") == "sfd" else None
+    r = revival(model, clf, k, x[y == k], args, one_step)
+    print(f"revival attack ({r['attack']}, {args.attack_steps} steps): class {k} drawn "
+          f"{count(r['revived_count'], args.attack_samples)} of the time, FID to its real images "
+          f"{r['revived_fid']:.2f}")
+    report(r, where / "attack.json")
+    return r
 
 
 def main(args: Args):
@@ -608,15 +705,20 @@ def main(args: Args):
     where = Path(args.ckpt) if args.ckpt else C.base_path(args.dataset)
     run_folder = where.is_dir() and not (where / "config.json").exists()
     where = C.writable(where if run_folder else where.parent)
+    if args.attack and len(forget) != 1:
+        raise C.UsageError("--attack revives one class: name it with --forget K")
     # checked first: a bad checkpoint must fail before anything is trained or written
+    ck = {}
     if args.ckpt:
         model, ck = C.load_checkpoint(args.ckpt, args.dataset, dev)
-        if ck.get("method") == "sfd":   # same network, but it maps noise to an image in one call
+        if ck.get("method") == "sfd" and not args.attack:   # one call from noise to an image
             raise C.UsageError(f"{args.ckpt} is an SFD one-step generator: evaluate it with "
                                f"python sfd.py --init {args.ckpt} --iters 0")
     else:
         model = C.load_base(args.dataset, dev, root=args.data_root)
     clf = load_judge(args, dev)
+    if args.attack:
+        return attack(args, model, ck, forget[0], clf, where)
     x_real, _ = C.load_data(args.dataset, args.data_root, "train")
     x_test, _ = C.load_data(args.dataset, args.data_root, "test")
     m, s = evaluate_model(model, clf, args, forget, args.sampler, nll=bool(forget))

@@ -540,7 +540,7 @@ def main(args: Args):
     with clock("training"):
         model, seconds = fit(args, start, x_keep, x_forget, hp, out, asdict(args), device,
                              args.task)
-    C.save_checkpoint(out / "model.safetensors", model, hp.steps, args=asdict(args))
+    C.save_checkpoint(out / "model.safetensors", model, hp.steps, method="msgm", args=asdict(args))
     name += " (fine-tuned)" if args.finetune else ""
     with clock("judging"):
         m, s = evaluate(model, clf, args, forget, data)
