@@ -35,6 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.linalg
@@ -777,7 +778,8 @@ COMPARE_BUDGETS = {
                   scaling_norm="5", ema=0.0, lr=1e-4, p_null=0.5),
         bilevel_prune={},                      # the defaults (keep 0.55): shorter costs retain acc
         msgm=dict(finetune=True, task="norm", steps=300, control=False),  # from the base
-        eval=dict(n_per_class=50, sample_steps=50, n_uncond=500, n_nll=12, nll_tol=1e-4)),
+        eval=dict(n_per_class=50, sample_steps=50, n_uncond=500, n_nll=12, nll_tol=1e-4,
+                  attack_steps=200, attack_samples=100)),
     # CI: one seed on the 700-step test base, with the short-run settings of the methods' own tests
     ("digits", "ci"): dict(
         retrain=dict(steps=10),                # the path only: 10 steps make no usable model
@@ -789,7 +791,8 @@ COMPARE_BUDGETS = {
                            warmup=10),
         msgm=dict(finetune=True, task="norm", steps=40, batch_size=32, forget_weight=0.5,
                   forget_every=1, ema=0.5, control=False),
-        eval=dict(n_per_class=20, sample_steps=10, n_uncond=300, n_nll=2, nll_tol=1e-3)),
+        eval=dict(n_per_class=20, sample_steps=10, n_uncond=300, n_nll=2, nll_tol=1e-3,
+                  attack_steps=30, attack_samples=20)),
     # 32x32 data on a GPU: the digits budget scaled up, not measured
     ("32px", "full"): dict(
         retrain=dict(steps=20_000),
@@ -798,7 +801,8 @@ COMPARE_BUDGETS = {
         siss=dict(stop_at_zero=False, sampler="ddim", eval_every=1000, n_eval=100),
         bilevel_prune=dict(steps=5000, lr=1e-4),
         msgm=dict(finetune=True, task="norm", steps=2000, control=False),
-        eval=dict(n_per_class=100, sample_steps=50, n_uncond=1000, n_nll=50, nll_tol=1e-5)),
+        eval=dict(n_per_class=100, sample_steps=50, n_uncond=1000, n_nll=50, nll_tol=1e-5,
+                  attack_steps=500, attack_samples=100)),
 }
 
 COMPARE_COLS = [  # (metric, header, format)
@@ -808,7 +812,8 @@ COMPARE_COLS = [  # (metric, header, format)
     ("nll_forget_bpd", "NLL forget (bpd)", "{:.3f}"),
     ("nll_forget_null_bpd", "NLL forget, null token", "{:.3f}"),
     ("nll_kept_bpd", "NLL kept", "{:.3f}"), ("seconds", "unlearning s", "{:.0f}"),
-    ("nfe", "NFE / image", "{:.0f}"), ("params_m", "parameters (M)", "{:.3f}")]
+    ("nfe", "NFE / image", "{:.0f}"), ("params_m", "parameters (M)", "{:.3f}"),
+    ("revived", "revived (attack)", "{:.2f}")]
 # what the sampler changes
 SAMPLER_COLS = ("forget_rate", "forget_rate_uncond", "retain_acc", "fid_retain", "nfe")
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "ancestral DDPM (strided as DDPMPipeline)",
@@ -965,6 +970,10 @@ def _results_md(summary: dict, settings: dict, figure: str = "grid.png") -> str:
         f"it (retrain: {st['retrain_steps']} steps of the base recipe without the class). Cost of "
         f"the table: {st['runs_wall_s'] / 60:.1f} min wall-clock, "
         f"{st['runs_cpu_s'] / 60:.1f} CPU-min on {st['device']}.",
+        f"- Revived: share of the {e.get('attack_samples')} samples drawn with a token learned by "
+        f"textual inversion ({e.get('attack_steps')} Adam steps on real images of class "
+        f"{st['forget']}, the model frozen; SFD's generator: through the classifier) that are "
+        f"classified as it (Pham et al., ICLR 2024); MSGM (unconditional) and bilevel: n/a.",
         f"- Commands (seed 0): {st['commands']}.", "",
         f"![one row per model, three samples per class, the forgotten class framed]({figure})", ""])
 
@@ -1012,6 +1021,26 @@ def _grid(cells: dict, path: Path, K: int, g: int, forget: int):
     for k in range(K):
         d.text((left + (k + 0.5) * g * w - 3, 2), str(k), fill="red" if k == forget else "black")
     out.save(path)
+
+
+def revived(name: str, folder: Path, a: CompareArgs, e: dict, seed: int, clf, x_class, dev):
+    """The revival attack's share on one compared run (the same budget for every row), cached
+    beside it; None where it does not apply: MSGM's models are unconditional, and bilevel's pruned
+    student loads only through bilevel_prune.py (this file's imports point down)."""
+    if name in ("msgm", "bilevel_prune"):
+        return None
+    path = folder / "diffusers" if name == "srs_me" else folder / "model.safetensors"
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors" if name == "srs_me" else path
+    opts = dict(attack_steps=e["attack_steps"], attack_lr=0.01, attack_samples=e["attack_samples"],
+                seed=seed, sampler=a.sampler, sample_steps=e["sample_steps"], amp="off")
+    key = dict(model=C.file_id(weights), forget=a.forget, **opts)
+
+    def compute():
+        model, ck = C.load_checkpoint(path, a.dataset, dev)
+        one_step = ck.get("t_init") if ck.get("method") == "sfd" else None
+        r = revival(model, clf, a.forget, x_class, SimpleNamespace(**opts), one_step)
+        return {"revived": r["revived"]}
+    return C.cached(folder / f"revival-{a.forget}.safetensors", key, compute)["revived"]
 
 
 def compare(a: CompareArgs) -> dict:
@@ -1085,7 +1114,9 @@ def compare(a: CompareArgs) -> dict:
         m.update({k: ran.get(k) for k in ("nll_forget_bpd", "nll_kept_bpd",
                                            "nll_forget_null_bpd", "seconds", "params")})
         m.update(nfe=ran.get("nfe", s["nfe"]), params_m=(ran.get("params") or 0) / 1e6 or None,
-                 run_wall_s=rec["run_wall_s"], run_cpu_s=rec["run_cpu_s"])
+                 run_wall_s=rec["run_wall_s"], run_cpu_s=rec["run_cpu_s"],
+                 revived=revived(name, folder, a, b["eval"], seed, clf, x_real[y_real == a.forget],
+                                 dev))
         per_seed[name][seed] = m
         cells.setdefault(name, _cells(s, clf, info.num_classes, 3))
         print(f"{tag}: " + "  ".join(f"{k} {fmt(m.get(k))}" for k in (

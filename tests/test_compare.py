@@ -91,6 +91,12 @@ def test_table_json_and_grid_are_written(ci_compare, runs_dir, tmp_path):
     for name, s in saved["summary"].items():
         assert s["forget_rate"]["n"] == 1 and s["forget_rate"]["std"] is None
         assert 0 <= s["retain_acc"]["mean"] <= 1
+        # the revival attack on every conditional row; MSGM (unconditional) and bilevel: n/a
+        if name in ("msgm", "bilevel_prune"):
+            assert s["revived"] is None
+        else:
+            assert 0 <= s["revived"]["mean"] <= 1
+
     img = Image.open(ws / "grid.png")
     assert img.width > img.height > 0
     # a second call runs nothing again, writes the same table and pastes the report into a markdown
