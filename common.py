@@ -687,23 +687,23 @@ def presets(cls) -> dict:
 PROTOCOLS = ("quick", "paper")
 
 
-def paper_values(cls) -> dict:
-    """{field: value} of `--protocol paper`: the `paper` class attributes of an Args class merged
-    over those of its bases."""
+def _merged(cls, attribute: str) -> dict:
+    """A dict class attribute of an Args class merged over those of its bases."""
     out = {}
     for k in reversed(cls.__mro__):
-        out.update(k.__dict__.get("paper", {}))
+        out.update(k.__dict__.get(attribute, {}))
     return out
+
+
+def paper_values(cls) -> dict:
+    """{field: value} of `--protocol paper`: the `paper` class attributes."""
+    return _merged(cls, "paper")
 
 
 def unsupported(cls) -> dict:
     """{field: why}: run options an Args class inherits but its method has no use for (its
-    `unsupported` class attributes merged over those of its bases); given on the command line, each
-    is one line of error."""
-    out = {}
-    for k in reversed(cls.__mro__):
-        out.update(k.__dict__.get("unsupported", {}))
-    return out
+    `unsupported` class attributes); given on the command line, each is one line of error."""
+    return _merged(cls, "unsupported")
 
 
 def make_args(cls, **given):
@@ -1217,18 +1217,27 @@ def write_card(folder: Path, dataset: str, card: dict):
     ModelCard(text).save(folder / "README.md")
 
 
-@torch.no_grad()
-def one_step(gen: CondUNet, c, t: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
-    """A one-step generator's images (SFD's G(z, c) = sigma (z - eps(b z, t, c)), b = sqrt(1 -
-    abar_t), sigma = sqrt((1 - abar_t) / abar_t)), clamped to [-1, 1]; the noise drawn as
-    sample() draws it."""
+def one_step_images(gen: CondUNet, z, c, t: int) -> torch.Tensor:
+    """A one-step generator's images from noise z (SFD's G(z, c) = sigma (z - eps(b z, t, c)),
+    b = sqrt(1 - abar_t), sigma = sqrt((1 - abar_t) / abar_t)), not clamped."""
     ab = VP().alpha_bar[t]
     b, sigma = (1 - ab).sqrt(), ((1 - ab) / ab).sqrt()
+    return sigma.to(z.dtype) * (z - gen(b.to(z.dtype) * z, t, c))
+
+
+def one_step_t(ck: dict) -> int | None:
+    """The DDPM index a checkpoint's one-step generator acts at (SFD's t_init), else None."""
+    return ck.get("t_init") if ck.get("method") == "sfd" else None
+
+
+@torch.no_grad()
+def one_step(gen: CondUNet, c, t: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
+    """one_step_images of len(c) images, clamped to [-1, 1]; the noise drawn as sample() draws
+    it."""
     g, out, dev, info = torch.Generator().manual_seed(seed), [], c.device, gen.info
     for c_b in c.split(batch):
         z = torch.randn((len(c_b), info.channels, info.size, info.size), generator=g).to(dev)
-        x = sigma.to(z.dtype) * (z - gen(b.to(z.dtype) * z, t, c_b))
-        out.append(x.clamp(-1, 1).cpu())
+        out.append(one_step_images(gen, z, c_b, t).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

@@ -474,9 +474,7 @@ def classifier_loss(clf, k: int, t_init: int, batch: int = 32):
     def loss(m, token, g):
         dev = next(m.parameters()).device
         z = torch.randn((batch, m.info.channels, m.info.size, m.info.size), generator=g).to(dev)
-        ab = C.VP().alpha_bar[t_init]
-        b, sigma = (1 - ab).sqrt().float(), ((1 - ab) / ab).sqrt().float()
-        x = sigma * (z - m(b * z, t_init, torch.full((batch,), token, device=dev)))
+        x = C.one_step_images(m, z, torch.full((batch,), token, device=dev), t_init)
         return -F.log_softmax(clf(x.clamp(-1, 1)), 1)[:, k].mean()
     return loss
 
@@ -688,8 +686,7 @@ def attack(args: Args, model, ck: dict, k: int, clf, where: Path) -> dict | None
         print("revival attack: n/a (MSGM's models are unconditional: no class token to learn)")
         return None
     x, y = C.load_data(args.dataset, args.data_root, "train")
-    one_step = ck.get("t_init") if ck.get("method") == "sfd" else None
-    r = revival(model, clf, k, x[y == k], args, one_step)
+    r = revival(model, clf, k, x[y == k], args, C.one_step_t(ck))
     print(f"revival attack ({r['attack']}, {args.attack_steps} steps): class {k} drawn "
           f"{count(r['revived_count'], args.attack_samples)} of the time, FID to its real images "
           f"{r['revived_fid']:.2f}")
@@ -1031,14 +1028,14 @@ def revived(name: str, folder: Path, a: CompareArgs, e: dict, seed: int, clf, x_
         return None
     path = folder / "diffusers" if name == "srs_me" else folder / "model.safetensors"
     weights = path / "unet" / "diffusion_pytorch_model.safetensors" if name == "srs_me" else path
-    opts = dict(attack_steps=e["attack_steps"], attack_lr=0.01, attack_samples=e["attack_samples"],
-                seed=seed, sampler=a.sampler, sample_steps=e["sample_steps"], amp="off")
+    opts = dict(attack_steps=e["attack_steps"], attack_lr=Args.attack_lr,
+                attack_samples=e["attack_samples"], seed=seed, sampler=a.sampler,
+                sample_steps=e["sample_steps"], amp="off")
     key = dict(model=C.file_id(weights), forget=a.forget, **opts)
 
     def compute():
         model, ck = C.load_checkpoint(path, a.dataset, dev)
-        one_step = ck.get("t_init") if ck.get("method") == "sfd" else None
-        r = revival(model, clf, a.forget, x_class, SimpleNamespace(**opts), one_step)
+        r = revival(model, clf, a.forget, x_class, SimpleNamespace(**opts), C.one_step_t(ck))
         return {"revived": r["revived"]}
     return C.cached(folder / f"revival-{a.forget}.safetensors", key, compute)["revived"]
 
